@@ -1,0 +1,15 @@
+// The Python module nbretr._C: loading it registers the operators (ops.cpp and the
+// kernel files); it exposes the facts of the build.
+#include <pybind11/pybind11.h>
+
+#ifndef NBRETR_WITH_CUDA
+#define NBRETR_WITH_CUDA 0
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nbretr C++/CUDA kernels (operators under torch.ops.nbretr)";
+  m.attr("cuda_compiled") = static_cast<bool>(NBRETR_WITH_CUDA);
+  m.attr("torch_version") = NBRETR_TORCH_VERSION;
+  m.attr("cuda_version") = NBRETR_CUDA_VERSION;
+  m.attr("cuda_archs") = NBRETR_CUDA_ARCHS;
+}

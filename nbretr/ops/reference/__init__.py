@@ -1,0 +1,6 @@
+"""The pure-PyTorch path of every operator: the fallback without the extension, the
+oracle for tests and the baseline for bench/. Same signatures and semantics as the
+public functions in :mod:`nbretr.ops`."""
+from nbretr.ops.reference.ring import ring_push, ring_view, cat_slice_push
+
+__all__ = ["ring_push", "ring_view", "cat_slice_push"]
