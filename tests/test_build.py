@@ -1,5 +1,6 @@
 """The build and the backend switch (issue: foundation)."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -28,10 +29,13 @@ def test_build_info_keys():
         assert info["reason"]
 
 
-def test_ci_build_has_cuda_kernels_for_80_and_90():
-    """CI builds with nvcc and a CUDA torch: the kernels must be compiled for 8.0 and 9.0."""
-    if os.environ.get("NBRETR_EXPECT_CUDA_BUILD") != "1":
-        pytest.skip("set NBRETR_EXPECT_CUDA_BUILD=1 where nvcc and a CUDA torch build the kernels")
+def test_cuda_kernels_compiled_where_nvcc_and_cuda_torch():
+    """Where nvcc and a CUDA build of torch are present (this machine, CI), the default build
+    compiles the CUDA kernels for at least 8.0 and 9.0."""
+    if shutil.which("nvcc") is None or torch.version.cuda is None:
+        pytest.skip("no nvcc on PATH or a CPU build of torch: CUDA kernels are not expected")
+    if os.environ.get("NBRETR_CPU_ONLY", "0") == "1" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("CPU-only build or a custom TORCH_CUDA_ARCH_LIST was requested")
     info = nbretr.build_info()
     assert info["extension_loaded"], info["reason"]
     assert info["cuda_compiled"]

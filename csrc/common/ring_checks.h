@@ -41,7 +41,7 @@ inline int64_t check_ring_push_args(at::TensorList buffers, at::TensorList items
     NBRETR_CHECK_ARG(item.sizes().slice(1) == buf.sizes().slice(1), op, "items[", b, "] has shape ",
                      item.sizes(), " but buffers[", b, "] has rows of shape ", buf.sizes().slice(1));
     NBRETR_CHECK_ARG(item.scalar_type() == buf.scalar_type(), op, "items[", b, "] has dtype ",
-                     item.scalar_type(), " but buffers[", b, "] has dtype ", buf.scalar_type());
+                     dtype_name(item.scalar_type()), " but buffers[", b, "] has dtype ", dtype_name(buf.scalar_type()));
     NBRETR_CHECK_ARG(item.size(0) == n, op, "items[", b, "] has ", item.size(0),
                      " rows but items[0] has ", n, "; every item must hold the same batch");
   }

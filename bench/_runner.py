@@ -1,0 +1,167 @@
+"""Common benchmark runner for bench/*.py.
+
+Each benchmark case is a callable; the runner checks nothing itself (the scripts check
+correctness before timing), warms up, synchronises before reading the clock, takes the
+median of repeats, measures peak memory (CUDA: max_memory_allocated; CPU: the high-water
+mark of tensor allocations from the profiler's memory events), prints a table last and
+writes JSON.
+Out-of-memory is recorded as ``inf`` rather than aborting the sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> float:
+    """Peak bytes of CPU tensor memory live during one call of ``fn``, reconstructed from
+    the profiler's allocation events (allocations minus frees, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return float(peak)
+
+
+@dataclass
+class Result:
+    name: str
+    impl: str
+    params: dict
+    ms: float
+    peak_mb: float
+    extra: dict = field(default_factory=dict)
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int = 5,
+            min_time_s: float = 0.0) -> float:
+    """Median milliseconds of ``fn`` (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - t_start) < min_time_s:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * max(repeats, 1):
+            break
+    return statistics.median(times)
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory allocated while running ``fn`` once, in MiB, above what was live."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return cpu_peak_bytes(fn) / 2**20
+
+
+def run_case(name: str, impl: str, params: dict, fn: Callable[[], object], device: str,
+             warmup: int = 2, repeats: int = 5, memory: bool = True, extra: dict | None = None) -> Result:
+    try:
+        ms = time_fn(fn, device, warmup=warmup, repeats=repeats)
+        mem = peak_mb(fn, device) if memory else float("nan")
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if "out of memory" not in str(err).lower() and not isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        ms, mem = float("inf"), float("inf")
+    return Result(name, impl, params, ms, mem, extra or {})
+
+
+def table(results: list[Result], baseline_impl: str, title: str) -> str:
+    """Rows grouped by (name, params); ratio = baseline time / impl time (>1: faster)."""
+    lines = [f"## {title}", f"machine: {machine()}  torch {torch.__version__}  commit {git_commit()}", ""]
+    header = f"{'case':<34} {'impl':<18} {'ms':>10} {'peak MiB':>10} {'speedup':>8} {'mem ratio':>9}"
+    lines += [header, "-" * len(header)]
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.name, json.dumps(r.params, sort_keys=True)), []).append(r)
+    for (name, _), rs in groups.items():
+        base = next((r for r in rs if r.impl == baseline_impl), None)
+        for r in rs:
+            sp = base.ms / r.ms if base and r.ms not in (0, float("inf")) else float("nan")
+            if base and r.peak_mb == 0:
+                mr = float("inf") if base.peak_mb > 0 else 1.0
+            else:
+                mr = base.peak_mb / r.peak_mb if base and r.peak_mb != float("inf") else float("nan")
+            lines.append(f"{name:<34} {r.impl:<18} {r.ms:>10.3f} {r.peak_mb:>10.2f} {sp:>7.2f}x {mr:>8.1f}x")
+    return "\n".join(lines)
+
+
+def write_json(results: list[Result], out: str | os.PathLike | None, bench: str) -> Path | None:
+    if not out:
+        return None
+    path = Path(out)
+    if path.suffix != ".json":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / f"{bench}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"bench": bench, "machine": machine(), "torch": torch.__version__, "commit": git_commit(),
+               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    return path
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="folder (or .json file) for the JSON results")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
+    return p
+
+
+def main_guard(fn: Callable[[], int]) -> None:
+    sys.exit(fn())
