@@ -1,0 +1,148 @@
+"""Process-level plumbing shared by train and eval: distributed set-up (torchrun), devices,
+run folders, the resumable sampler."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("nbretr")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Initialise torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def new_run_dir(output_dir: str | None, prefix: str = "runs") -> Path:
+    if output_dir:
+        path = Path(output_dir)
+    else:
+        path = Path(prefix) / time.strftime("%Y%m%d-%H%M%S")
+        i = 1
+        while path.exists():
+            path = Path(prefix) / f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
+            i += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Shuffled (per epoch, from ``seed + epoch``), split across ranks, and able to start
+    mid-epoch: ``set_epoch(epoch, start_batch)`` skips the batches already trained on.
+    Every rank sees ``per_rank_batch`` items per global batch; the tail that does not fill
+    a whole global batch is dropped (as DataLoader(drop_last=True) would)."""
+
+    def __init__(self, num_items: int, global_batch: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"batch_size {global_batch} must be divisible by the world size {world_size}")
+        self.n, self.global_batch, self.rank, self.world = num_items, global_batch, rank, world_size
+        self.per_rank = global_batch // world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def global_order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            chunk = order[b * self.global_batch:(b + 1) * self.global_batch]
+            yield from chunk[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.per_rank
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp in ("auto", "bf16"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16
+
+
+def human_time(seconds: float) -> str:
+    m, s = divmod(int(math.ceil(seconds)), 60)
+    return f"{m}m{s:02d}s"

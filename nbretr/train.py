@@ -1,0 +1,348 @@
+"""``python -m nbretr.train``: train NeighborRetr (or the InfoNCE baseline) and evaluate.
+
+With no arguments: the tiny random model on the embedded synthetic dataset (generated on
+first use), on whatever device is here; finishes on 2 CPU cores in minutes and prints
+R@K, MdR, MnR, Rsum and the hubness table, then the path of metrics.json (last line).
+With arguments: the reference recipe (``--dataset msrvtt --data-root ... --clip ViT-B/32
+--clip-path ...``), a YAML ``--config`` that the command line overrides, ``--baseline``.
+Several GPUs or machines: ``torchrun --nproc_per_node N -m nbretr.train ...``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import nbretr
+from nbretr import checkpoint as ckpt
+from nbretr.config import TrainConfig, build_parser, resolve_config, save_yaml
+from nbretr.memory_bank import MemoryBank
+from nbretr.optim import build_optimizer
+from nbretr.runtime import (Dist, ResumableSampler, amp_dtype, cleanup_distributed, git_commit, new_run_dir,
+                            setup_distributed, setup_logging, write_json)
+
+log = logging.getLogger("nbretr")
+
+BANK_FIELDS = ("text", "text_mask", "video", "video_mask", "ids")
+
+
+# -- building blocks (shared with nbretr.eval) ---------------------------------------------
+
+def data_root(cfg: TrainConfig) -> Path:
+    if cfg.data_root:
+        return Path(cfg.data_root)
+    if cfg.dataset == "synthetic":
+        return Path(os.environ.get("NBRETR_DATA", "data")) / "synthetic"
+    raise ValueError(f"--data-root is required for --dataset {cfg.dataset}")
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path | None, train_captions: list[str] | None):
+    """The tokenizer of the chosen CLIP checkpoint, or (tiny model) a word tokenizer built
+    from the training captions and saved in the run folder."""
+    from nbretr.data import tokenizers
+    if cfg.clip != "tiny":
+        return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
+    saved = run_dir / "tokenizer.json" if run_dir else None
+    if saved is not None and saved.exists():
+        return tokenizers.WordTokenizer.load(saved)
+    if train_captions is None:
+        raise FileNotFoundError(f"no tokenizer.json in {run_dir} and no captions to build one from")
+    tok = tokenizers.WordTokenizer.from_captions(train_captions)
+    if saved is not None:
+        tok.save(saved)
+    return tok
+
+
+def image_size(cfg: TrainConfig) -> int:
+    if cfg.image_size:
+        return cfg.image_size
+    if cfg.dataset == "synthetic" and cfg.clip == "tiny":
+        from nbretr.data import synthetic
+        return synthetic.FRAME_SIZE
+    return 224
+
+
+def build_datasets(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
+    from nbretr.data import build_dataset, synthetic
+    root = data_root(cfg)
+    if cfg.dataset == "synthetic":
+        root = synthetic.build(root, size=cfg.synthetic_size, seed=0)
+    out = {}
+    for split in splits:
+        kw = {"train_split": cfg.train_split} if (cfg.train_split and split == "train") else {}
+        out[split] = build_dataset(cfg.dataset, root, split, None, max_words=cfg.max_words,
+                                   max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
+                                   image_size=image_size(cfg), strict=cfg.strict_data, **kw)
+    return out
+
+
+def build_model(cfg: TrainConfig, vocab_size: int | None):
+    from nbretr.models import NeighborRetr, NeighborRetrConfig
+    from nbretr.models import clip as clip_mod
+    known = set(NeighborRetrConfig.__dataclass_fields__)
+    mcfg = NeighborRetrConfig(**{k: v for k, v in cfg.to_dict().items() if k in known})
+    if cfg.clip == "tiny":
+        clip_model = clip_mod.build_clip(clip_mod.tiny_clip_config(vocab_size=vocab_size, image_size=image_size(cfg),
+                                                                   max_position_embeddings=max(cfg.max_words, 16)))
+    else:
+        clip_model = clip_mod.load_clip(cfg.clip_path)
+    return NeighborRetr(mcfg, clip_model=clip_model)
+
+
+def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
+    from nbretr.data import collate
+    return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
+                                       num_workers=num_workers, collate_fn=collate,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def drop_bad(batch: dict) -> dict:
+    """Remove items whose video could not be decoded (the dataset already warned)."""
+    bad = batch.get("bad")
+    if bad is None or not torch.as_tensor(bad).any():
+        return batch
+    keep = ~torch.as_tensor(bad, dtype=torch.bool)
+    return {k: (v[keep] if torch.is_tensor(v) and v.shape[:1] == keep.shape else v) for k, v in batch.items()}
+
+
+# -- training --------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_: Dist, run_dir: Path):
+        self.cfg, self.dist, self.run_dir = cfg, dist_, run_dir
+        self.device = dist_.device
+        torch.manual_seed(cfg.seed)
+        datasets = build_datasets(cfg, ("train", "test") if cfg.do_eval else ("train",))
+        self.train_ds, self.test_ds = datasets["train"], datasets.get("test")
+        self.tokenizer = build_tokenizer(cfg, run_dir, list(self.train_ds.captions))
+        for ds in datasets.values():
+            ds.tokenizer = self.tokenizer
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, getattr(self.tokenizer, "vocab_size", None)).to(self.device)
+        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       find_unused_parameters=True) if dist_.enabled else self.model
+        self.sampler = ResumableSampler(len(self.train_ds), cfg.batch_size, dist_.rank, dist_.world_size,
+                                        shuffle=True, seed=cfg.seed)
+        if self.sampler.batches_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                             f"({len(self.train_ds)} items)")
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.opt, self.sched = build_optimizer(self.model, cfg.lr, cfg.coef_lr, cfg.weight_decay,
+                                               self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
+                                               cfg.optimizer)
+        self.amp = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        dim = self.model.embed_dim
+        self.bank = MemoryBank.for_features(max(1, cfg.mb_batch * cfg.batch_size), cfg.max_words, cfg.max_frames,
+                                            dim, device=self.device) if cfg.mb_batch > 0 and not cfg.baseline else None
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.writer = None
+        if dist_.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+
+    # checkpoints ---------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "rng": ckpt.rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "config": self.cfg.to_dict(),
+            "nbretr_version": nbretr.__version__,
+        }
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = ckpt.save_atomic(self.state(), self.run_dir / "checkpoints" / "last.pt")
+        log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+        return path
+
+    def load(self, path: Path) -> None:
+        ckpt.clean_partials(path.parent)
+        state = ckpt.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.bank is not None and state["bank"] is not None:
+            self.bank.load_state_dict(state["bank"])
+        ckpt.set_rng_state(state["rng"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    # memory bank -----------------------------------------------------------------
+    @torch.no_grad()
+    def refill_bank(self, loader_iter_factory) -> None:
+        """METHOD.md: at each epoch start, encode ``mb_batch`` training batches without
+        gradient (every rank's share, all-gathered) and refill the bank with them."""
+        if self.bank is None:
+            return
+        from nbretr.models.distributed import all_gather_with_grad
+        self.model.eval()
+        batches = []
+        it = loader_iter_factory()
+        for _ in range(self.cfg.mb_batch):
+            try:
+                batch = to_device(drop_bad(next(it)), self.device)
+            except StopIteration:
+                break
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                t, tm = self.model.encode_text(batch["text_ids"], batch["text_mask"])
+                v, vm = self.model.encode_video(batch["video"], batch["video_mask"])
+            items = {"text": t.float(), "text_mask": tm, "video": v.float(), "video_mask": vm,
+                     "ids": batch["index"]}
+            batches.append({k: all_gather_with_grad(x) for k, x in items.items()})
+        self.bank.fill(batches)
+        self.model.train()
+
+    # loop -------------------------------------------------------------------------
+    def train(self) -> None:
+        from tqdm import tqdm
+        cfg = self.cfg
+        per_rank = cfg.batch_size // self.dist.world_size
+        jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
+        t_start = time.time()
+        pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.dist.is_main,
+                    desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        try:
+            while self.epoch < cfg.epochs and self.global_step < self.total_steps:
+                if self.step_in_epoch == 0:
+                    def fresh_iter():
+                        self.sampler.set_epoch(self.epoch, 0)
+                        return iter(make_loader(self.train_ds, self.sampler, per_rank, cfg.num_workers))
+                    self.refill_bank(fresh_iter)
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                loader = make_loader(self.train_ds, self.sampler, per_rank, cfg.num_workers)
+                for batch in loader:
+                    if self.global_step >= self.total_steps:
+                        break
+                    parts = self.train_step(to_device(drop_bad(batch), self.device))
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    self.log_step(parts, pbar, jsonl, per_rank * self.dist.world_size, t_start)
+                    if cfg.save_every and self.global_step % cfg.save_every == 0:
+                        self.save()
+                self.report_bad_data()
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                self.save()
+        finally:
+            pbar.close()
+            if jsonl:
+                jsonl.close()
+            if self.writer:
+                self.writer.flush()
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        cfg = self.cfg
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.ddp(batch, bank=self.bank)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: {out}")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.model.clamp_logit_scale()
+        if self.bank is not None:
+            feats = out["features"]
+            self.bank.push({k: feats[k].detach() for k in BANK_FIELDS})
+        return {k: float(v) for k, v in out.items() if k in ("loss", "wti", "nbi", "opt", "kl", "infonce")}
+
+    def log_step(self, parts, pbar, jsonl, items_per_step, t_start) -> None:
+        elapsed = time.time() - t_start
+        rate = items_per_step * (pbar.n - pbar.initial + 1) / max(elapsed, 1e-9)
+        pbar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()}, "items/s": f"{rate:.0f}"}, refresh=False)
+        pbar.update(1)
+        if jsonl is not None:
+            rec = {"step": self.global_step, "epoch": self.epoch, "lr": self.sched.get_last_lr()[0], **parts,
+                   "time": round(elapsed, 3)}
+            jsonl.write(json.dumps(rec) + "\n")
+            jsonl.flush()
+        if self.writer is not None and (self.global_step % self.cfg.log_every == 0 or self.global_step == 1):
+            for k, v in parts.items():
+                self.writer.add_scalar(f"train/{k}", v, self.global_step)
+            self.writer.add_scalar("train/lr", self.sched.get_last_lr()[0], self.global_step)
+
+    def report_bad_data(self) -> None:
+        summary = getattr(self.train_ds, "bad_summary", lambda: {})()
+        if summary and any(summary.values()):
+            log.warning("epoch %d: skipped bad data: %s", self.epoch, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args)
+    dist_ = setup_distributed(cfg.device)
+    setup_logging(dist_.rank)
+    try:
+        nbretr.ops.use_backend  # noqa: B018  (the backend for the run is set below)
+        os.environ["NBRETR_BACKEND"] = cfg.backend
+        resume_path = None
+        if cfg.resume:
+            rp = Path(cfg.resume)
+            resume_path = rp / "checkpoints" / "last.pt" if rp.is_dir() else rp
+            if not resume_path.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint at {resume_path}")
+            if not cfg.output_dir:
+                cfg.output_dir = str(resume_path.parent.parent)
+        run_dir = new_run_dir(cfg.output_dir) if dist_.is_main else Path(cfg.output_dir or ".")
+        if dist_.enabled:
+            obj = [str(run_dir)]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            run_dir = Path(obj[0])
+        if dist_.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
+            write_json(run_dir / "build_info.json", {**nbretr.build_info(), "git_commit": git_commit(),
+                                                     "world_size": dist_.world_size, "device": str(dist_.device)})
+        trainer = Trainer(cfg, dist_, run_dir)
+        if resume_path is not None:
+            trainer.load(resume_path)
+        log.info("run folder %s; %d steps (%d per epoch), global batch %d on %d process(es), device %s",
+                 run_dir, trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size, dist_.world_size,
+                 dist_.device)
+        trainer.train()
+        metrics_path = None
+        if cfg.do_eval and trainer.test_ds is not None:
+            from nbretr import eval as evaluation
+            metrics = evaluation.evaluate(trainer.model, trainer.test_ds, cfg, dist_, k=cfg.eval_k,
+                                          out_dir=run_dir)
+            if dist_.is_main:
+                print(evaluation.format_report(metrics))
+                metrics_path = write_json(run_dir / "metrics.json", metrics)
+        if dist_.is_main:
+            print(f"metrics: {metrics_path.resolve()}" if metrics_path else f"run folder: {run_dir.resolve()}")
+        return 0
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
