@@ -1,0 +1,111 @@
+"""Step time and peak memory of NeighborRetr's loss head (everything after the encoders:
+WTI against the batch and the bank, token clustering, the four losses, the bank push) and
+of a full training step of the tiny model, extension vs torch path.
+
+    python bench/train_step.py [--device cuda] [--size tiny|vitb32] [--batch 128] [--out DIR]
+
+``--size vitb32`` uses a ViT-B/32-sized random CLIP (width 512, 12 layers) at 224x224.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _runner  # noqa: E402
+
+from nbretr import MemoryBank, ops  # noqa: E402
+
+
+def build(size: str, max_words: int, max_frames: int, device: str):
+    from nbretr.models import NeighborRetr, NeighborRetrConfig
+    from nbretr.models import clip as clip_mod
+    torch.manual_seed(0)
+    cfg = NeighborRetrConfig(max_words=max_words, max_frames=max_frames)
+    if size == "vitb32":
+        from transformers import CLIPConfig
+        ccfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                                           num_hidden_layers=12, num_attention_heads=8,
+                                           max_position_embeddings=77, hidden_act="quick_gelu"),
+                          vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                             num_attention_heads=12, image_size=224, patch_size=32,
+                                             hidden_act="quick_gelu"),
+                          projection_dim=512)
+        image = 224
+    else:
+        ccfg = clip_mod.tiny_clip_config(vocab_size=1000, image_size=32)
+        image = 32
+    model = NeighborRetr(cfg, clip_model=clip_mod.build_clip(ccfg)).to(device)
+    return model, image
+
+
+def main() -> int:
+    p = _runner.arg_parser(__doc__)
+    p.add_argument("--size", default="tiny", choices=["tiny", "vitb32"])
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--mb-batch", type=int, default=None, help="bank = mb_batch x batch entries")
+    args = p.parse_args()
+    dev = args.device
+    batch = args.batch or (16 if args.quick else (128 if dev.startswith("cuda") else 64))
+    mb = args.mb_batch or (2 if args.quick else 10)
+    L, F = 24, 12
+    model, image = build(args.size, L, F, dev)
+    D = model.embed_dim
+    g = torch.Generator(device="cpu").manual_seed(0)
+    feats = {"T": torch.randn(batch, L, D, generator=g).to(dev), "V": torch.randn(batch, F, D, generator=g).to(dev)}
+    tmask = torch.ones(batch, L, dtype=torch.long, device=dev)
+    tmask[:, L // 2:] = (torch.rand(batch, L - L // 2, generator=g) > 0.5).long().to(dev)
+    tmask[:, 0] = 1
+    vmask = torch.ones(batch, F, dtype=torch.long, device=dev)
+    bank = MemoryBank.for_features(mb * batch, L, F, D, device=dev)
+    for _ in range(mb):
+        bank.push({"text": torch.randn(batch, L, D, device=dev), "text_mask": tmask, "video": torch.randn(batch, F, D, device=dev),
+                   "video_mask": vmask, "ids": torch.arange(batch, device=dev)})
+    results = []
+    params = dict(size=args.size, batch=batch, bank=len(bank), L=L, F=F, D=D)
+    losses = {}
+    backends = ["torch"] + (["ext"] if ops._backend.ext_supports(torch.device(dev))[0] else [])
+    for backend in backends:
+        def head(backend=backend):
+            T = feats["T"].clone().requires_grad_(True)
+            V = feats["V"].clone().requires_grad_(True)
+            with ops.use_backend(backend):
+                out = model.loss(T, tmask, V, vmask, bank)
+                out["loss"].backward()
+                bank.push({"text": T.detach(), "text_mask": tmask, "video": V.detach(), "video_mask": vmask,
+                           "ids": torch.arange(batch, device=dev)})
+            return out
+        losses[backend] = float(head()["loss"])
+        results.append(_runner.run_case("loss head fwd+bwd+push", backend, params, head, dev, repeats=args.repeats,
+                                        warmup=1))
+    if len(losses) == 2:
+        rel = abs(losses["ext"] - losses["torch"]) / max(abs(losses["torch"]), 1e-12)
+        print(f"loss ext {losses['ext']:.6f} vs torch {losses['torch']:.6f} (rel diff {rel:.2e})")
+    # full step: encoders + loss + backward
+    full_batch = 8 if args.quick else (batch if args.size == "tiny" else min(batch, 128))
+    ids = torch.randint(1, 999, (full_batch, L), generator=g).to(dev)
+    inputs = {"text_ids": ids, "text_mask": torch.ones(full_batch, L, dtype=torch.long, device=dev),
+              "video": torch.randn(full_batch, F, 3, image, image, generator=g).to(dev),
+              "video_mask": torch.ones(full_batch, F, dtype=torch.long, device=dev),
+              "index": torch.arange(full_batch, device=dev)}
+    fparams = dict(size=args.size, batch=full_batch, bank=len(bank), image=image)
+    amp = torch.bfloat16 if dev.startswith("cuda") else None
+    for backend in backends:
+        def step(backend=backend):
+            with ops.use_backend(backend), torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
+                out = model(inputs, bank=bank)
+            out["loss"].backward()
+            model.zero_grad(set_to_none=True)
+        results.append(_runner.run_case("full step fwd+bwd", backend, fparams, step, dev, repeats=max(2, args.repeats // 2),
+                                        warmup=1))
+    print(_runner.table(results, "torch", f"training step ({dev}, {args.size})"))
+    path = _runner.write_json(results, args.out, f"train_step_{args.size}")
+    if path:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    _runner.main_guard(main)
