@@ -199,7 +199,7 @@ class NeighborRetr(nn.Module):
             raise RuntimeError("baseline=True builds no token clustering (global tokens are not used)")
 
     # -- memory bank ---------------------------------------------------------------------------
-    def bank_centrality(self, T, t_mask, V, v_mask, bank: MemoryBank | None):
+    def bank_centrality(self, T, t_mask, V, v_mask, bank: MemoryBank | None, *, copy_bank: bool = False):
         """The gallery centralities of L_nbi from the bank, for both directions.
 
         Returns ``(t2v, v2t)``; each is a dict of keyword arguments for
@@ -207,10 +207,14 @@ class NeighborRetr(nn.Module):
         ``M [B gallery, |bank|]`` (``centrality="mean"``: WTI of batch videos × bank captions for
         t2v and batch captions × bank videos for v2t, with gradient as in the reference), or
         ``{"centrality": c}`` (``"knn"``: the k-occurrence frequency N_k(j)/|bank| of each batch
-        gallery item among the bank queries' top-k, from :func:`nbretr.ops.topk_centrality`)."""
+        gallery item among the bank queries' top-k, from :func:`nbretr.ops.topk_centrality`).
+
+        The bank's buffers are read without a copy (``bank.fields()``) and autograd keeps them
+        for the weight MLPs' backward: push into the bank only AFTER ``backward()``, or pass
+        ``copy_bank=True`` (what ``forward(update_bank=True)`` does)."""
         if bank is None or len(bank) == 0:
             return {"bank_sim": None}, {"bank_sim": None}
-        f = bank.fields()
+        f = bank.view() if copy_bank else bank.fields()
         bt, btm = f["text"].to(T.device), f["text_mask"].to(T.device)
         bv, bvm = f["video"].to(V.device), f["video_mask"].to(V.device)
         if self.config.centrality == "mean":
@@ -230,7 +234,7 @@ class NeighborRetr(nn.Module):
 
     # -- losses --------------------------------------------------------------------------------
     def loss(self, T: torch.Tensor, t_mask: torch.Tensor, V: torch.Tensor, v_mask: torch.Tensor,
-             bank: MemoryBank | None = None) -> dict:
+             bank: MemoryBank | None = None, *, copy_bank: bool = False) -> dict:
         """Total loss and its parts on the (all-gathered) batch features T ``[B, L, D]``,
         V ``[B, F, D]`` (row i of T matches row i of V). float32 throughout.
 
@@ -241,6 +245,7 @@ class NeighborRetr(nn.Module):
         if T.shape[0] != V.shape[0]:
             raise ValueError(f"T and V must have the same batch size, got {T.shape[0]} and {V.shape[0]}")
         with torch.autocast(T.device.type, enabled=False):
+            T, V = T.float(), V.float()  # everything after the encoders runs in float32
             s = self.similarity(T, t_mask, V, v_mask)
             scale = self.clip.logit_scale.float().exp()
             if c.baseline:
@@ -263,7 +268,7 @@ class NeighborRetr(nn.Module):
                 if c.w_kl:
                     l_kl = (losses.kl_consistency_loss(g, s) + losses.kl_consistency_loss(g.T, s.T)) / 2
                 if c.w_nbi:
-                    t2v, v2t = self.bank_centrality(T, t_mask, V, v_mask, bank)
+                    t2v, v2t = self.bank_centrality(T, t_mask, V, v_mask, bank, copy_bank=copy_bank)
                     kw = dict(num_neighbors=c.num_neighbors, temperature=c.temperature,
                               normalize_over=c.nbi_normalize_over)
                     l_nbi = (losses.neighbor_adjusting_loss(s, **t2v, **kw)
@@ -278,7 +283,9 @@ class NeighborRetr(nn.Module):
         gradient, and return :meth:`loss` plus ``"bank_items"``: the gathered, detached features
         ``{text, text_mask, video, video_mask, ids}`` to push into the memory bank after the
         step (``update_bank=True`` pushes them into ``bank`` here, after the loss, as the
-        reference does; the default leaves it to the caller)."""
+        reference does, and then reads the bank through a copy so the push cannot invalidate
+        the backward; the default leaves the push to the caller, who must do it after
+        ``backward()``: the loss holds the bank's buffers without a copy)."""
         T, tm = self.encode_text(batch["text_ids"], batch["text_mask"])
         V, vm = self.encode_video(batch["video"], batch["video_mask"])
         red = self.config.gather_reduce_grads
@@ -288,7 +295,7 @@ class NeighborRetr(nn.Module):
         if ids is None:
             ids = torch.arange(batch["text_ids"].shape[0], device=T.device)
         ids = all_gather_with_grad(torch.as_tensor(ids, device=T.device).long())
-        out = self.loss(T, tm, V, vm, bank)
+        out = self.loss(T, tm, V, vm, bank, copy_bank=update_bank)
         out["bank_items"] = {"text": T.detach(), "text_mask": tm, "video": V.detach(),
                              "video_mask": vm, "ids": ids}
         if update_bank and bank is not None:
