@@ -6,6 +6,9 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
+# TEMPORARY (model branch): stand-ins until the wti / topk / sinkhorn branches land; the lead
+# replaces these three names with the real operators and deletes nbretr/ops/_pending.py.
+from nbretr.ops._pending import sinkhorn_log, topk_centrality, wti_similarity
 
 __all__ = [
     "Backend",
@@ -13,4 +16,7 @@ __all__ = [
     "use_backend",
     "ring_push",
     "ring_view",
+    "wti_similarity",
+    "topk_centrality",
+    "sinkhorn_log",
 ]
