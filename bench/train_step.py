@@ -23,7 +23,7 @@ def build(size: str, max_words: int, max_frames: int, device: str):
     from nbretr.models import NeighborRetr, NeighborRetrConfig
     from nbretr.models import clip as clip_mod
     torch.manual_seed(0)
-    cfg = NeighborRetrConfig(max_words=max_words, max_frames=max_frames)
+    cfg = NeighborRetrConfig(max_words=max_words, max_frames=max_frames, vocab_size=1000, image_size=32)
     if size == "vitb32":
         from transformers import CLIPConfig
         ccfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
@@ -34,10 +34,11 @@ def build(size: str, max_words: int, max_frames: int, device: str):
                                              hidden_act="quick_gelu"),
                           projection_dim=512)
         image = 224
+        model = NeighborRetr(cfg, clip_model=clip_mod.build_clip(ccfg))
     else:
-        ccfg = clip_mod.tiny_clip_config(vocab_size=1000, image_size=32)
+        model = NeighborRetr(cfg)
         image = 32
-    model = NeighborRetr(cfg, clip_model=clip_mod.build_clip(ccfg)).to(device)
+    model = model.to(device)
     return model, image
 
 
@@ -52,7 +53,7 @@ def main() -> int:
     mb = args.mb_batch or (2 if args.quick else 10)
     L, F = 24, 12
     model, image = build(args.size, L, F, dev)
-    D = model.embed_dim
+    D = model.dim
     g = torch.Generator(device="cpu").manual_seed(0)
     feats = {"T": torch.randn(batch, L, D, generator=g).to(dev), "V": torch.randn(batch, F, D, generator=g).to(dev)}
     tmask = torch.ones(batch, L, dtype=torch.long, device=dev)

@@ -68,6 +68,8 @@ class TrainConfig:
     eval_k: int = 10                       # k of the hubness report
     do_eval: bool = True
     device: str = "auto"
+    gather_reduce_grads: bool = True       # all-gather backward sums over ranks: DDP gradients equal
+                                           # one process's (False: the reference's local slice, 1/W)
     backend: str = "auto"                  # nbretr.ops backend for the whole run
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,9 +31,6 @@ from nbretr.runtime import (Dist, ResumableSampler, amp_dtype, cleanup_distribut
 
 log = logging.getLogger("nbretr")
 
-BANK_FIELDS = ("text", "text_mask", "video", "video_mask", "ids")
-
-
 # -- building blocks (shared with nbretr.eval) ---------------------------------------------
 
 def data_root(cfg: TrainConfig) -> Path:
@@ -85,16 +82,15 @@ def build_datasets(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "test")
 
 
 def build_model(cfg: TrainConfig, vocab_size: int | None):
+    """NeighborRetr on the tiny random CLIP (embedded default) or a local checkpoint."""
     from nbretr.models import NeighborRetr, NeighborRetrConfig
-    from nbretr.models import clip as clip_mod
     known = set(NeighborRetrConfig.__dataclass_fields__)
-    mcfg = NeighborRetrConfig(**{k: v for k, v in cfg.to_dict().items() if k in known})
-    if cfg.clip == "tiny":
-        clip_model = clip_mod.build_clip(clip_mod.tiny_clip_config(vocab_size=vocab_size, image_size=image_size(cfg),
-                                                                   max_position_embeddings=max(cfg.max_words, 16)))
-    else:
-        clip_model = clip_mod.load_clip(cfg.clip_path)
-    return NeighborRetr(mcfg, clip_model=clip_model)
+    values = {k: v for k, v in cfg.to_dict().items() if k in known}
+    values.update(image_size=image_size(cfg), gather_reduce_grads=cfg.gather_reduce_grads,
+                  clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
+    if vocab_size is not None:
+        values["vocab_size"] = vocab_size
+    return NeighborRetr(NeighborRetrConfig(**values))
 
 
 def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
@@ -146,7 +142,7 @@ class Trainer:
                                                cfg.optimizer)
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        dim = self.model.embed_dim
+        dim = self.model.dim
         self.bank = MemoryBank.for_features(max(1, cfg.mb_batch * cfg.batch_size), cfg.max_words, cfg.max_frames,
                                             dim, device=self.device) if cfg.mb_batch > 0 and not cfg.baseline else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -196,7 +192,6 @@ class Trainer:
         gradient (every rank's share, all-gathered) and refill the bank with them."""
         if self.bank is None:
             return
-        from nbretr.models.distributed import all_gather_with_grad
         self.model.eval()
         batches = []
         it = loader_iter_factory()
@@ -206,11 +201,7 @@ class Trainer:
             except StopIteration:
                 break
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                t, tm = self.model.encode_text(batch["text_ids"], batch["text_mask"])
-                v, vm = self.model.encode_video(batch["video"], batch["video_mask"])
-            items = {"text": t.float(), "text_mask": tm, "video": v.float(), "video_mask": vm,
-                     "ids": batch["index"]}
-            batches.append({k: all_gather_with_grad(x) for k, x in items.items()})
+                batches.append(self.model.encode_for_bank(batch))
         self.bank.fill(batches)
         self.model.train()
 
@@ -270,9 +261,8 @@ class Trainer:
         self.scaler.update()
         self.sched.step()
         self.model.clamp_logit_scale()
-        if self.bank is not None:
-            feats = out["features"]
-            self.bank.push({k: feats[k].detach() for k in BANK_FIELDS})
+        if self.bank is not None:  # after backward: the loss read the bank's buffers in place
+            self.bank.push(out["bank_items"])
         return {k: float(v) for k, v in out.items() if k in ("loss", "wti", "nbi", "opt", "kl", "infonce")}
 
     def log_step(self, parts, pbar, jsonl, items_per_step, t_start) -> None:
