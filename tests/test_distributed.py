@@ -76,6 +76,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for n, g in ref.items():
         # float sums over the batch run in another order on two ranks: tolerance relative to
         # the tensor's scale (a wrong reduction, e.g. the reference's 1/W, is off by 50%)
-        atol = 1e-5 * float(g.abs().max()) + 1e-9
+        atol = 1e-5 * float(g.abs().max()) + 1e-8   # (+ floor: k_proj biases have zero true gradient)
         torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=atol,
                                    msg=lambda m, n=n: f"gradient of {n}: {m}")
