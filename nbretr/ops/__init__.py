@@ -6,6 +6,7 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
+from nbretr.ops.sinkhorn import sinkhorn_log
 
 __all__ = [
     "Backend",
@@ -13,4 +14,5 @@ __all__ = [
     "use_backend",
     "ring_push",
     "ring_view",
+    "sinkhorn_log",
 ]
