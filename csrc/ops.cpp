@@ -9,4 +9,16 @@ TORCH_LIBRARY(nbretr, m) {
   // ring buffer in place, ending at slot `head` (see csrc/common/ring.h). The new head and
   // fill level are computed by the caller (nbretr.ops.ring_push).
   m.def("ring_push(Tensor(a!)[] buffers, Tensor[] items, int head) -> ()");
+
+  // KERNELS.md 4. Batched log-domain Sinkhorn (csrc/common/sinkhorn.h). log_mu/log_nu are
+  // always given (nbretr.ops.sinkhorn_log fills the defaults). Outputs in the compute dtype
+  // (float64 for float64 scores, else float32); u_hist/v_hist [B, n_iters, M|N] hold the
+  // potentials of every iteration run (rows past iters_done are 0) for the backward.
+  m.def("sinkhorn_log(Tensor scores, Tensor log_mu, Tensor log_nu, int n_iters, float eps, float? tol) -> "
+        "(Tensor log_plan, Tensor log_u, Tensor log_v, Tensor iters_done, Tensor u_hist, Tensor v_hist)");
+  // Exact gradient of (log_plan, log_u, log_v) for the iterations run, by running them
+  // backwards through u_hist/v_hist. Gradients in the dtypes of scores, log_mu, log_nu.
+  m.def("sinkhorn_log_backward(Tensor grad_log_plan, Tensor grad_log_u, Tensor grad_log_v, Tensor scores, "
+        "Tensor log_mu, Tensor log_nu, Tensor u_hist, Tensor v_hist, Tensor iters_done, float eps) -> "
+        "(Tensor grad_scores, Tensor grad_log_mu, Tensor grad_log_nu)");
 }

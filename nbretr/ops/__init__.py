@@ -6,9 +6,9 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
-# TEMPORARY (model branch): stand-ins until the wti / topk / sinkhorn branches land; the lead
-# replaces these three names with the real operators and deletes nbretr/ops/_pending.py.
-from nbretr.ops._pending import sinkhorn_log, topk_centrality, wti_similarity
+# TEMPORARY (model branch): stand-ins until the wti / topk branches land.
+from nbretr.ops._pending import topk_centrality, wti_similarity
+from nbretr.ops.sinkhorn import sinkhorn_log
 
 __all__ = [
     "Backend",
