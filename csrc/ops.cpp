@@ -9,4 +9,13 @@ TORCH_LIBRARY(nbretr, m) {
   // ring buffer in place, ending at slot `head` (see csrc/common/ring.h). The new head and
   // fill level are computed by the caller (nbretr.ops.ring_push).
   m.def("ring_push(Tensor(a!)[] buffers, Tensor[] items, int head) -> ()");
+  // KERNELS.md 1. Token-wise (WTI) similarity s [Bt, Bv] (float32; float64 for float64
+  // inputs) of texts t [Bt, L, D] and videos v [Bv, F, D]; masks [Bt, L] / [Bv, F] of any
+  // real dtype, weights floating. See csrc/common/wti.h for the formula and tie rule.
+  m.def("wti_similarity(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
+        "Tensor v_weight) -> Tensor");
+  // Its backward: (grad_t, grad_t_weight, grad_v, grad_v_weight), each in its input's
+  // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
+  m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
+        "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -6,6 +6,7 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
+from nbretr.ops.wti import wti_block, wti_similarity
 
 __all__ = [
     "Backend",
@@ -13,4 +14,6 @@ __all__ = [
     "use_backend",
     "ring_push",
     "ring_view",
+    "wti_similarity",
+    "wti_block",
 ]
