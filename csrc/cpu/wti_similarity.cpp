@@ -54,20 +54,28 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
     const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
     const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, nbt * nbv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
-        const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
-        const at::Tensor S = at::mm(t2.narrow(0, i0 * d.L, nt * d.L), v2.narrow(0, j0 * d.F, nv * d.F).t());
-        const acc_t* s = S.const_data_ptr<acc_t>();
-        const int64_t ld = nv * d.F;
-        for (int64_t ii = 0; ii < nt; ++ii) {
-          const int64_t i = i0 + ii;
-          for (int64_t jj = 0; jj < nv; ++jj) {
-            const int64_t j = j0 + jj;
-            WtiPair<acc_t> pair{s + ii * d.L * ld + jj * d.F, ld, mt + i * d.L, mv + j * d.F,
-                                wt + i * d.L, wv + j * d.F, d.L, d.F};
-            o[i * d.Bv + j] = wti_pair_score(pair);
+    // one tile buffer per run, allocated here (no allocation on worker threads)
+    const int64_t ntasks = nbt * nbv;
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, p.t.options());
+    at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
+      at::NoGradGuard no_grad;
+      for (int64_t r = rb; r < re; ++r) {
+        for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
+          const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
+          const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
+          at::Tensor S = tiles[r].narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
+          at::mm_out(S, t2.narrow(0, i0 * d.L, nt * d.L), v2.narrow(0, j0 * d.F, nv * d.F).t());
+          const acc_t* s = S.const_data_ptr<acc_t>();
+          const int64_t ld = nv * d.F;
+          for (int64_t ii = 0; ii < nt; ++ii) {
+            const int64_t i = i0 + ii;
+            for (int64_t jj = 0; jj < nv; ++jj) {
+              const int64_t j = j0 + jj;
+              WtiPair<acc_t> pair{s + ii * d.L * ld + jj * d.F, ld, mt + i * d.L, mv + j * d.F,
+                                  wt + i * d.L, wv + j * d.F, d.L, d.F};
+              o[i * d.Bv + j] = wti_pair_score(pair);
+            }
           }
         }
       }
@@ -97,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
     // run-local gradients of the current text block: [runs, TB*L, D] and [runs, TB*L]
     auto local_t = at::empty({runs, TB * d.L, d.D}, gt.options());
     auto local_wt = at::empty({runs, TB * d.L}, gt.options());
+    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, gt.options());
+    auto dtiles = at::empty({runs, TB * d.L * VB * d.F}, gt.options());
 
     AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_backward_cpu", [&] {
       using acc_t = scalar_t;
@@ -120,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
             for (int64_t vb = vb_begin; vb < vb_end; ++vb) {
               const int64_t j0 = vb * VB, nv = std::min(VB, d.Bv - j0);
               const at::Tensor vblk = v2.narrow(0, j0 * F, nv * F);
-              const at::Tensor S = at::mm(tb, vblk.t());
+              at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
+              at::mm_out(S, tb, vblk.t());
               // dL/draw for the tile: at most L + F entries per pair, then two GEMMs
-              at::Tensor dS = at::zeros_like(S);
+              at::Tensor dS = dtiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F}).zero_();
               const acc_t* s = S.const_data_ptr<acc_t>();
               acc_t* ds = dS.mutable_data_ptr<acc_t>();
               const int64_t ld = nv * F;
