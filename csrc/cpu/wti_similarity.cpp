@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
               at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
               at::mm_out(S, tb, vblk.t());
               // dL/draw for the tile: at most L + F entries per pair, then two GEMMs
-              at::Tensor dS = dtiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F}).zero_();
+              at::Tensor dS = dtiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
+              dS.zero_();
               const acc_t* s = S.const_data_ptr<acc_t>();
               acc_t* ds = dS.mutable_data_ptr<acc_t>();
               const int64_t ld = nv * F;
