@@ -21,4 +21,14 @@ TORCH_LIBRARY(nbretr, m) {
   m.def("sinkhorn_log_backward(Tensor grad_log_plan, Tensor grad_log_u, Tensor grad_log_v, Tensor scores, "
         "Tensor log_mu, Tensor log_nu, Tensor u_hist, Tensor v_hist, Tensor iters_done, float eps) -> "
         "(Tensor grad_scores, Tensor grad_log_mu, Tensor grad_log_nu)");
+
+  // KERNELS.md 1. Token-wise (WTI) similarity s [Bt, Bv] (float32; float64 for float64
+  // inputs) of texts t [Bt, L, D] and videos v [Bv, F, D]; masks [Bt, L] / [Bv, F] of any
+  // real dtype, weights floating. See csrc/common/wti.h for the formula and tie rule.
+  m.def("wti_similarity(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
+        "Tensor v_weight) -> Tensor");
+  // Its backward: (grad_t, grad_t_weight, grad_v, grad_v_weight), each in its input's
+  // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
+  m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
+        "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 }
