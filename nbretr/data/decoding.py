@@ -177,7 +177,7 @@ def _load_image(path: str) -> np.ndarray:
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))[None]
+            return np.array(im.convert("RGB"))[None]
     except Exception as err:
         raise VideoDecodeError(path, "undecodable", f"PIL: {str(err)[:200]}") from None
 

@@ -113,7 +113,7 @@ def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike):
     vocab = {}
     for tok in vocab_list:
         vocab.setdefault(tok, len(vocab))
-    return CLIPTokenizerFast(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizerFast(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
 
 
 class ClipTokenizer:
