@@ -87,6 +87,20 @@ def test_backends_agree(tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+def test_backend_choice_reported_once(tmp_path, monkeypatch, caplog):
+    from nbretr.data import decoding
+    if "pyav" not in BACKENDS:
+        pytest.skip("needs av")
+    write_video(tmp_path / "v.mp4")
+    monkeypatch.setattr(decoding, "_have_decord", lambda: False)  # as if decord were not installed
+    monkeypatch.setattr(decoding, "_reported", set())
+    with caplog.at_level(logging.INFO, logger="nbretr.data"):
+        for _ in range(3):
+            assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape[0] == 5
+    assert [r.getMessage() for r in caplog.records].count(
+        "nbretr.data: decord is not installed; decoding videos with PyAV") == 1
+
+
 def test_preprocess_resize_crop_normalise():
     frames = np.full((3, 48, 64, 3), 255, np.uint8)
     out = Preprocess(image_size=32)(frames)
@@ -98,6 +112,12 @@ def test_preprocess_resize_crop_normalise():
     frames[:, :, :8] = 0
     out = Preprocess(image_size=32)(frames)
     torch.testing.assert_close(out[0, :, 16, 0], expect, atol=1e-3, rtol=1e-3)
+    # the resize matches CLIP's PIL bicubic resize within 2 grey levels
+    from PIL import Image
+    rnd = np.random.default_rng(0).integers(0, 255, (2, 40, 30, 3), dtype=np.uint8)
+    out = Preprocess(image_size=20)(rnd) * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    pil = np.stack([np.asarray(Image.fromarray(f).resize((20, 27), Image.BICUBIC))[3:23] for f in rnd])
+    assert np.abs(out.permute(0, 2, 3, 1).numpy() * 255 - pil).max() <= 2.01
     aug = Preprocess(image_size=32, augment=True)(frames, torch.Generator().manual_seed(0))
     assert aug.shape == (3, 3, 32, 32) and torch.isfinite(aug).all()
 
@@ -304,8 +324,20 @@ def _broken_msrvtt(root: Path) -> None:
     data = (root / "videos" / "good0.mp4").read_bytes()
     (root / "videos" / "trunc.mp4").write_bytes(data[: len(data) // 2])
     (root / "videos" / "text.mp4").write_text("this is not a video\n")
+    # a "fast start" mp4 (index first) cut after a third: opens, then fails mid-stream
+    import av
+    with av.open(str(root / "faststart.mp4"), "w", options={"movflags": "faststart"}) as c:
+        st = c.add_stream("libx264", rate=8)
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for f in np.random.default_rng(0).integers(0, 255, (48, 64, 64, 3), dtype=np.uint8):
+            c.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(st.encode())
+    data = (root / "faststart.mp4").read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    (root / "videos" / "cut.mp4").write_bytes(data[: len(data) // 3])
     rows = ["key,vid_key,video_id,sentence"] + [f"r{i},k{i},{v},caption of {v}" for i, v in
-                                                enumerate(["good0", "empty", "trunc", "text", "good1"])]
+                                                enumerate(["good0", "empty", "trunc", "text", "cut", "good1"])]
     (root / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -313,27 +345,28 @@ def test_bad_videos_are_skipped_with_one_warning_each(tmp_path, word_tok, caplog
     root = tmp_path / "broken"
     _broken_msrvtt(root)
     ds = build_dataset("msrvtt", root, "test", word_tok, image_size=32)
-    assert len(ds) == 5
+    assert len(ds) == 6
     with caplog.at_level(logging.WARNING, logger="nbretr.data"):
         for _ in range(2):  # two epochs: still one warning per file
             items = [ds[i] for i in range(len(ds))]
-    assert [it["bad"] for it in items] == [False, True, True, True, False]
-    for it in items[1:4]:
+    assert [it["bad"] for it in items] == [False, True, True, True, True, False]
+    for it in items[1:5]:
         assert it["video_mask"].sum() == 0 and it["video"].abs().sum() == 0
     assert items[0]["video_mask"].sum() == 3
     msgs = [r.getMessage() for r in caplog.records if "skipping bad video" in r.getMessage()]
-    assert len(msgs) == 3
-    for name, reason in (("empty.mp4", "empty"), ("trunc.mp4", "undecodable"), ("text.mp4", "undecodable")):
+    assert len(msgs) == 4
+    for name, reason in (("empty.mp4", "empty"), ("trunc.mp4", "undecodable"), ("text.mp4", "undecodable"),
+                         ("cut.mp4", "undecodable")):
         assert sum(name in m and reason in m for m in msgs) == 1, msgs
     s = ds.bad_summary()
-    assert s["bad_videos"] == 3 and s["bad_items"] == 6 and s["by_reason"] == {"empty": 1, "undecodable": 2}
+    assert s["bad_videos"] == 4 and s["bad_items"] == 8 and s["by_reason"] == {"empty": 1, "undecodable": 3}
     with caplog.at_level(logging.WARNING, logger="nbretr.data"):
         log_bad_summary(ds, epoch=0, reset=True)
-    assert "3 bad video(s), 6 item(s) skipped" in caplog.records[-1].getMessage()
+    assert "4 bad video(s), 8 item(s) skipped" in caplog.records[-1].getMessage()
     assert ds.bad_summary()["bad_items"] == 0
     # a batch with bad items: the training loop can drop them
     batch = collate(items)
-    assert batch["bad"].tolist() == [False, True, True, True, False]
+    assert batch["bad"].tolist() == [False, True, True, True, True, False]
 
 
 def test_bad_videos_strict_raises_naming_the_file(tmp_path, word_tok):
@@ -341,7 +374,7 @@ def test_bad_videos_strict_raises_naming_the_file(tmp_path, word_tok):
     _broken_msrvtt(root)
     ds = build_dataset("msrvtt", root, "test", word_tok, image_size=32, strict=True)
     ds[0]
-    for i, name in ((1, "empty.mp4"), (2, "trunc.mp4"), (3, "text.mp4")):
+    for i, name in ((1, "empty.mp4"), (2, "trunc.mp4"), (3, "text.mp4"), (4, "cut.mp4")):
         with pytest.raises(VideoDecodeError, match=name):
             ds[i]
     with pytest.raises(VideoDecodeError, match="missing"):
@@ -354,8 +387,8 @@ def test_bad_summary_counts_worker_items(tmp_path, word_tok):
     ds = build_dataset("msrvtt", root, "test", word_tok, image_size=16)
     loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
     bad = torch.cat([b["bad"] for b in loader])
-    assert bad.tolist() == [False, True, True, True, False]
-    assert ds.bad_summary()["bad_items"] == 3  # seen by the workers, counted in shared memory
+    assert bad.tolist() == [False, True, True, True, True, False]
+    assert ds.bad_summary()["bad_items"] == 4  # seen by the workers, counted in shared memory
 
 
 def test_annotation_problems_name_file_and_line(tmp_path, word_tok, caplog):

@@ -106,8 +106,10 @@ class VideoTextDataset(Dataset):
         self._ids = torch.cat(ids) if ids else torch.zeros(0, self.max_words, dtype=torch.int32)
         self._mask = torch.cat(mask) if mask else torch.zeros(0, self.max_words, dtype=torch.int8)
         n = max(len(self.videos), 1)
-        self._bad_code = mp.Array("b", n)  # reason code + 1 per video, 0 = not seen bad
-        self._bad_hits = mp.Array("i", n)
+        # shared with DataLoader workers (fork or spawn); no lock (a lock made in one start
+        # method cannot travel to the other): concurrent hits on one video may undercount
+        self._bad_code = mp.RawArray("b", n)  # reason code + 1 per video, 0 = not seen bad
+        self._bad_hits = mp.RawArray("i", n)
         self._warned: set[int] = set()
         log.info("%s %s: %d videos, %d captions", self.name, self.split, len(self.videos), len(self.captions))
 
@@ -161,9 +163,8 @@ class VideoTextDataset(Dataset):
     # ---- bad videos -----------------------------------------------------------------
     def _record_bad(self, video_index: int, err: VideoDecodeError) -> None:
         code = BAD_REASONS.index(err.reason) + 1 if err.reason in BAD_REASONS else len(BAD_REASONS)
-        with self._bad_hits.get_lock():
-            self._bad_hits[video_index] += 1
-            self._bad_code[video_index] = code
+        self._bad_hits[video_index] += 1
+        self._bad_code[video_index] = code
         if video_index not in self._warned:
             self._warned.add(video_index)
             log.warning("nbretr.data: skipping bad video %s (%s%s)", err.path, err.reason,
@@ -186,10 +187,9 @@ class VideoTextDataset(Dataset):
                 "annotation_problems": len(self.annotation_problems)}
 
     def reset_bad_summary(self) -> None:
-        with self._bad_hits.get_lock():
-            for i in range(len(self._bad_hits)):
-                self._bad_hits[i] = 0
-                self._bad_code[i] = 0
+        for i in range(len(self._bad_hits)):
+            self._bad_hits[i] = 0
+            self._bad_code[i] = 0
         self._warned.clear()
 
 

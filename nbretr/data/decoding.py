@@ -224,12 +224,12 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
 @dataclass
 class Preprocess:
     """CLIP preprocessing of uint8 frames ``[n, H, W, 3]`` to float32 ``[n, 3, S, S]``:
-    resize the shorter side to ``image_size`` (bicubic, antialiased), centre crop, scale
-    to [0, 1], normalise with CLIP's mean/std. With ``augment=True`` (training only, off
-    by default): random resized crop (scale ``augment_scale``) and horizontal flip with
-    probability ``flip_p``, the same for every frame of a clip. Note that flipping swaps
-    left and right, which changes the meaning of the embedded dataset's captions; it uses
-    ``flip_p=0`` there unless asked.
+    resize the shorter side to ``image_size`` (bicubic, antialiased, on uint8 like CLIP's
+    PIL resize: within 2 grey levels of PIL), centre crop, scale to [0, 1], normalise with
+    CLIP's mean/std. With ``augment=True`` (training only, off by default): random resized
+    crop (area scale ``augment_scale``, aspect 3/4..4/3) and horizontal flip with probability
+    ``flip_p``, the same for every frame of a clip. Flipping swaps left and right, which
+    changes the meaning of the embedded dataset's captions: it uses ``flip_p=0`` there.
     """
 
     image_size: int = 224
@@ -238,7 +238,8 @@ class Preprocess:
     flip_p: float = 0.5
 
     def __call__(self, frames: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+        # uint8 NCHW in channels-last memory: torch's fast antialiased uint8 resize path
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         s = self.image_size
         if self.augment:
             x = self._random_resized_crop(x, generator)
@@ -248,15 +249,13 @@ class Preprocess:
             h, w = x.shape[-2:]
             if min(h, w) != s:
                 scale = s / min(h, w)
-                nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-                x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+                x = _resize(x, (max(s, round(h * scale)), max(s, round(w * scale))))
             h, w = x.shape[-2:]
             top, left = (h - s) // 2, (w - s) // 2
             x = x[:, :, top:top + s, left:left + s]
-        x = x.clamp_(0.0, 1.0)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
+        return ((x.float() - mean) / std).contiguous()
 
     def _random_resized_crop(self, x: torch.Tensor, generator) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -273,9 +272,15 @@ class Preprocess:
         else:
             ch = cw = min(h, w)
             top, left = (h - ch) // 2, (w - cw) // 2
-        x = x[:, :, top:top + ch, left:left + cw]
-        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                             align_corners=False)
+        return _resize(x[:, :, top:top + ch, left:left + cw], (self.image_size, self.image_size))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic antialiased resize of uint8 ``[n, 3, h, w]`` (result uint8, saturated)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def pad_frames(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
