@@ -142,7 +142,10 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "a
     """Write uint8 frames ``[n, H, W, 3]`` as an H.264 (libx264, yuv420p, crf 18) .mp4,
     atomically (temp file + rename). ``writer``: "pyav" encodes in process (~5 ms for one
     of these clips), "imageio" pipes to imageio-ffmpeg's ffmpeg binary (~50 ms: one process
-    per file); "auto" = pyav when installed."""
+    per file); "auto" = pyav when installed. Byte-for-byte output: imageio's ffmpeg writes
+    the same bytes every time; PyAV's libx264 was seen to write slightly different bytes
+    for ~5% of these clips from run to run (decoded pixels within ~15 levels), so the
+    content, not the bytes, is what the seed reproduces with it."""
     if writer == "auto":
         try:
             import av  # noqa: F401
@@ -157,8 +160,10 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "a
             s = c.add_stream("libx264", rate=int(fps))
             s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             s.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
-            for fr in frames:
-                c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")))
+            for k, fr in enumerate(frames):
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")
+                vf.pts = k
+                c.mux(s.encode(vf))
             c.mux(s.encode())
     elif writer == "imageio":
         import imageio.v2 as iio
@@ -180,10 +185,10 @@ def _crc(path: Path) -> int:
     return zlib.crc32(path.read_bytes()) & 0xFFFFFFFF
 
 
-def _make(args: tuple[Path, dict, int]) -> tuple[str, int, int]:
-    root, spec, seed = args
+def _make(args: tuple[Path, dict, int, str]) -> tuple[str, int, int]:
+    root, spec, seed, writer = args
     path = root / spec["file"]
-    write_mp4(path, render(spec, seed))
+    write_mp4(path, render(spec, seed), writer=writer)
     return spec["id"], path.stat().st_size, _crc(path)
 
 
@@ -221,10 +226,11 @@ def check(root: str | os.PathLike, verify: str = "size") -> list[str]:
 
 
 def build(root: str | os.PathLike | None = None, size: str = "default", seed: int = 0, *, workers: int = 2,
-          verify: str = "size", progress: bool | None = None) -> Path:
+          verify: str = "size", progress: bool | None = None, writer: str = "auto") -> Path:
     """Generate the embedded dataset in ``root`` (or reuse it when its manifest matches
     ``size``/``seed`` and every file checks out), regenerating only missing or corrupt
-    videos. Returns the folder. ``workers``: processes for encoding (a Pool of 2 by default).
+    videos. Returns the folder. ``workers``: processes for encoding (a Pool of 2 by default);
+    ``writer``: see :func:`write_mp4` ("imageio" for byte-identical rebuilds, 10x slower).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -251,7 +257,7 @@ def build(root: str | os.PathLike | None = None, size: str = "default", seed: in
     t0 = time.perf_counter()
     results: dict[str, tuple[int, int]] = {}
     bar = tqdm(total=len(todo), desc=f"synthetic[{size}]", unit="video", disable=None if progress is None else not progress)
-    jobs = [(root, s, seed) for s in todo]
+    jobs = [(root, s, seed, writer) for s in todo]
     if workers > 1 and len(todo) >= 16:
         with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:
             for vid, nbytes, crc in pool.imap_unordered(_make, jobs, chunksize=8):
@@ -336,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--verify", default="size", choices=["size", "full"])
+    p.add_argument("--writer", default="auto", choices=["auto", "pyav", "imageio"],
+                   help="mp4 writer: pyav (in process, fast) or imageio-ffmpeg (byte-identical rebuilds, 10x slower)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
-    root = build(a.root, a.size, a.seed, workers=a.workers, verify=a.verify, progress=True)
+    root = build(a.root, a.size, a.seed, workers=a.workers, verify=a.verify, progress=True, writer=a.writer)
     m = _read_manifest(root)
     n = {s: sum(v["split"] == s for v in m["videos"]) for s in ("train", "val", "test")}
     nbytes = sum(v["bytes"] for v in m["videos"])
