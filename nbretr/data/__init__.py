@@ -19,12 +19,20 @@ from nbretr.data.didemo import DiDeMo
 from nbretr.data.images import COCO, Flickr30K
 from nbretr.data.msrvtt import MSRVTT
 from nbretr.data.msvd import MSVD
-from nbretr.data.synthetic import SyntheticDataset
 
-DATASETS: dict[str, type[VideoTextDataset]] = {
-    "synthetic": SyntheticDataset, "msrvtt": MSRVTT, "msvd": MSVD, "didemo": DiDeMo,
+# nbretr.data.synthetic is imported on use (it is also a script: `python -m` must find it
+# not yet imported)
+DATASETS: dict[str, type[VideoTextDataset] | None] = {
+    "synthetic": None, "msrvtt": MSRVTT, "msvd": MSVD, "didemo": DiDeMo,
     "activitynet": ActivityNet, "coco": COCO, "flickr30k": Flickr30K,
 }
+
+
+def __getattr__(name: str):
+    if name == "SyntheticDataset":
+        from nbretr.data.synthetic import SyntheticDataset
+        return SyntheticDataset
+    raise AttributeError(f"module 'nbretr.data' has no attribute {name!r}")
 
 
 def build_dataset(name: str, root: str | os.PathLike | None, split: str, tokenizer, *, max_words: int = 24,
@@ -42,7 +50,8 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, tokeniz
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     if root is None and key != "synthetic":
         raise ValueError(f"{name}: root (the dataset folder) is required")
-    return DATASETS[key](root, split, tokenizer, max_words=max_words, max_frames=max_frames,
+    cls = DATASETS[key] or __getattr__("SyntheticDataset")
+    return cls(root, split, tokenizer, max_words=max_words, max_frames=max_frames,
                          video_framerate=video_framerate, image_size=image_size, strict=strict, **kw)
 
 

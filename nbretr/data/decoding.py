@@ -29,6 +29,8 @@ log = logging.getLogger("nbretr.data")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv")
+_SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+_BIAS = -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -253,9 +255,10 @@ class Preprocess:
             h, w = x.shape[-2:]
             top, left = (h - s) // 2, (w - s) // 2
             x = x[:, :, top:top + s, left:left + s]
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
-        return ((x.float() - mean) / std).contiguous()
+        # (x/255 - mean)/std as one conversion and two in-place passes on contiguous data
+        out = torch.empty(x.shape, dtype=torch.float32)
+        out.copy_(x.contiguous())
+        return out.mul_(_SCALE).add_(_BIAS)
 
     def _random_resized_crop(self, x: torch.Tensor, generator) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -287,10 +290,12 @@ def pad_frames(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, tor
     """Pad ``[n, 3, S, S]`` to ``[max_frames, 3, S, S]`` with zeros; returns
     ``(video, video_mask)`` with mask int64 ``[max_frames]`` (1 = a real frame)."""
     n = min(frames.shape[0], max_frames)
-    video = frames.new_zeros((max_frames,) + tuple(frames.shape[1:]))
-    video[:n] = frames[:n]
     mask = torch.zeros(max_frames, dtype=torch.long)
     mask[:n] = 1
+    if n == max_frames:
+        return frames[:n], mask
+    video = frames.new_zeros((max_frames,) + tuple(frames.shape[1:]))
+    video[:n] = frames[:n]
     return video, mask
 
 
