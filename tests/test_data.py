@@ -154,6 +154,8 @@ def test_clip_tokenizer_from_bpe_and_hf_dir(tmp_path):
         ids, mask = tok(["The red square", "the"], max_words=6)
         assert ids[0].tolist() == [tok.start_id, 513, 515, 520, tok.end_id, 0]
         assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]
+    long_ids, long_mask = tok(["the red square " * 60], max_words=8)  # truncated, no length warning
+    assert long_ids[0].tolist() == [tok.start_id, 513, 515, 520, 513, 515, 520, tok.end_id]
     tok.save(tmp_path / "hf")
     tok2 = load_clip_tokenizer(tmp_path / "hf")
     assert torch.equal(tok2(["the red square"], 8)[0], tok(["the red square"], 8)[0])
@@ -196,6 +198,16 @@ def test_synthetic_writers_read_back(tmp_path, writer):
     if writer == "imageio":  # the ffmpeg binary writes the same bytes every time
         synthetic.write_mp4(tmp_path / "b.mp4", frames, writer=writer)
         assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_synthetic_default_root_from_env(small_root, tmp_path, monkeypatch):
+    shutil.copytree(small_root, tmp_path / "synthetic")
+    monkeypatch.setenv("NBRETR_DATA", str(tmp_path))
+    ds = build_dataset("synthetic", None, "val", None, image_size=32, augment=True)  # its word tokenizer
+    assert ds.root == tmp_path / "synthetic" and ds.num_videos == 8
+    assert ds.preprocess.flip_p == 0.0  # captions say left/right
+    item = ds[0]
+    assert item["video"].shape == (12, 3, 32, 32) and item["text_mask"].sum() > 5
 
 
 def test_synthetic_captions_and_held_out_pairs(small_root):
@@ -324,6 +336,11 @@ def test_karpathy_images(tmp_path, word_tok, name):
     assert te.num_videos == 2 and len(te) == 10 and te.caption_to_video.tolist() == [0] * 5 + [1] * 5
     item = te[7]
     assert item["video"].shape == (1, 3, 32, 32) and item["video_mask"].tolist() == [1]
+    # a broken image is a bad item, like a broken video
+    te.videos[1].path.write_text("not an image")
+    item = te[7]
+    assert item["bad"] and item["video_mask"].tolist() == [0]
+    assert te.bad_summary()["by_reason"] == {"undecodable": 1}
     assert build_dataset(name, root, "train", word_tok).num_videos == 2  # train + restval
     if name == "coco":
         assert build_dataset(name, root, "test", word_tok, test_size="1k").num_videos == 2

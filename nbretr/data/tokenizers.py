@@ -121,6 +121,9 @@ class ClipTokenizer:
     call; ``.hf`` is the wrapped tokenizer."""
 
     def __init__(self, hf_tokenizer):
+        # captions are tokenised once in the main process, before DataLoader workers fork:
+        # keep the Rust tokenizer from warning about (and disabling) its thread pool then
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.hf = hf_tokenizer
         self.start_id = int(hf_tokenizer.convert_tokens_to_ids("<|startoftext|>"))
         self.end_id = int(hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -132,7 +135,7 @@ class ClipTokenizer:
     def __call__(self, texts: str | Sequence[str], max_words: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        enc = self.hf(list(texts), add_special_tokens=False, truncation=True, max_length=max(max_words - 2, 1))["input_ids"]
         return _pack(enc, max_words, self.start_id, self.end_id)
 
     def save(self, path: str | os.PathLike) -> None:
