@@ -101,6 +101,25 @@ def test_backend_choice_reported_once(tmp_path, monkeypatch, caplog):
         "nbretr.data: decord is not installed; decoding videos with PyAV") == 1
 
 
+def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplog):
+    from nbretr.data import decoding
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both decord and av")
+    write_video(tmp_path / "v.mp4")
+
+    def refuse(path, *a):
+        raise VideoDecodeError(path, "undecodable", "decord: simulated failure")
+
+    monkeypatch.setattr(decoding, "_decode_decord", refuse)
+    monkeypatch.setattr(decoding, "_reported", set())
+    with caplog.at_level(logging.INFO, logger="nbretr.data"):
+        for _ in range(2):
+            assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape == (5, 48, 64, 3)
+    assert sum("trying PyAV" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(VideoDecodeError, match="simulated failure"):
+        decode_frames(tmp_path / "v.mp4", backend="decord")
+
+
 def test_preprocess_resize_crop_normalise():
     frames = np.full((3, 48, 64, 3), 255, np.uint8)
     out = Preprocess(image_size=32)(frames)
