@@ -2,7 +2,7 @@
 compositional captions, generated on the spot, reproducibly from a seed.
 
 Each video: 24 frames of 32x32 RGB at 2 fps (12 s; sampling at the default 1 fps gives
-the default 12 frames), libx264 .mp4 (~2 KB each) written in process with PyAV (or, without it, with imageio +
+the default 12 frames), libx264 .mp4 (~3 KB each) written in process with PyAV (or, without it, with imageio +
 imageio-ffmpeg, ten times slower: one ffmpeg process per file),
 read back through the same decoding path as real datasets. It shows 1-3 shapes of one
 colour and kind moving in one direction over a plain background. A caption names all five
