@@ -3,7 +3,6 @@ JSON with problems reported by file and line."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,3 @@ def lookup(index: dict[str, Path], vid: str, prefixes: tuple[str, ...] = ("",)) 
             return p
     return None
 
-
-def os_path(p: Path) -> str:
-    return os.fspath(p)

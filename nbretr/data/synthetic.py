@@ -2,9 +2,9 @@
 compositional captions, generated on the spot, reproducibly from a seed.
 
 Each video: 24 frames of 32x32 RGB at 2 fps (12 s; sampling at the default 1 fps gives
-the default 12 frames), libx264 .mp4 (~3 KB each) written in process with PyAV (or, without it, with imageio +
-imageio-ffmpeg, ten times slower: one ffmpeg process per file),
-read back through the same decoding path as real datasets. It shows 1-3 shapes of one
+the default 12 frames), libx264 .mp4 (~3 KB each) written in process with PyAV (or with
+imageio + imageio-ffmpeg: ``writer="imageio"``, ten times slower, one ffmpeg process per
+file), read back through the same decoding path as real datasets. It shows 1-3 shapes of one
 colour and kind moving in one direction over a plain background. A caption names all five
 factors (count, colour, shape, direction, background) in one of several phrasings, e.g.
 "two red squares moving left on a gray background".
@@ -256,7 +256,8 @@ def build(root: str | os.PathLike | None = None, size: str = "default", seed: in
 
     t0 = time.perf_counter()
     results: dict[str, tuple[int, int]] = {}
-    bar = tqdm(total=len(todo), desc=f"synthetic[{size}]", unit="video", disable=None if progress is None else not progress)
+    bar = tqdm(total=len(todo), desc=f"synthetic[{size}]", unit="video",
+               disable=None if progress is None else not progress)
     jobs = [(root, s, seed, writer) for s in todo]
     if workers > 1 and len(todo) >= 16:
         with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:

@@ -85,7 +85,8 @@ class WordTokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -135,7 +136,8 @@ class ClipTokenizer:
     def __call__(self, texts: str | Sequence[str], max_words: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.hf(list(texts), add_special_tokens=False, truncation=True, max_length=max(max_words - 2, 1))["input_ids"]
+        enc = self.hf(list(texts), add_special_tokens=False, truncation=True,
+                      max_length=max(max_words - 2, 1))["input_ids"]
         return _pack(enc, max_words, self.start_id, self.end_id)
 
     def save(self, path: str | os.PathLike) -> None:
