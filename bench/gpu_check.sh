@@ -40,7 +40,7 @@ else
 fi
 
 step "benchmarks"
-for b in bench/memory_bank.py bench/sinkhorn.py bench/wti_similarity.py; do
+for b in bench/memory_bank.py bench/sinkhorn.py bench/wti_similarity.py bench/data.py; do
   timeout 150 $PY "$b" --out "$OUT" > "$OUT/$(basename "$b" .py).txt" 2>&1 || { status=1; echo "$b FAILED"; }
 done
 
