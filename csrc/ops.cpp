@@ -9,4 +9,26 @@ TORCH_LIBRARY(nbretr, m) {
   // ring buffer in place, ending at slot `head` (see csrc/common/ring.h). The new head and
   // fill level are computed by the caller (nbretr.ops.ring_push).
   m.def("ring_push(Tensor(a!)[] buffers, Tensor[] items, int head) -> ()");
+
+  // KERNELS.md 4. Batched log-domain Sinkhorn (csrc/common/sinkhorn.h). log_mu/log_nu are
+  // always given (nbretr.ops.sinkhorn_log fills the defaults). Outputs in the compute dtype
+  // (float64 for float64 scores, else float32); u_hist/v_hist [B, n_iters, M|N] hold the
+  // potentials of every iteration run (rows past iters_done are 0) for the backward.
+  m.def("sinkhorn_log(Tensor scores, Tensor log_mu, Tensor log_nu, int n_iters, float eps, float? tol) -> "
+        "(Tensor log_plan, Tensor log_u, Tensor log_v, Tensor iters_done, Tensor u_hist, Tensor v_hist)");
+  // Exact gradient of (log_plan, log_u, log_v) for the iterations run, by running them
+  // backwards through u_hist/v_hist. Gradients in the dtypes of scores, log_mu, log_nu.
+  m.def("sinkhorn_log_backward(Tensor grad_log_plan, Tensor grad_log_u, Tensor grad_log_v, Tensor scores, "
+        "Tensor log_mu, Tensor log_nu, Tensor u_hist, Tensor v_hist, Tensor iters_done, float eps) -> "
+        "(Tensor grad_scores, Tensor grad_log_mu, Tensor grad_log_nu)");
+
+  // KERNELS.md 1. Token-wise (WTI) similarity s [Bt, Bv] (float32; float64 for float64
+  // inputs) of texts t [Bt, L, D] and videos v [Bv, F, D]; masks [Bt, L] / [Bv, F] of any
+  // real dtype, weights floating. See csrc/common/wti.h for the formula and tie rule.
+  m.def("wti_similarity(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
+        "Tensor v_weight) -> Tensor");
+  // Its backward: (grad_t, grad_t_weight, grad_v, grad_v_weight), each in its input's
+  // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
+  m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
+        "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -6,9 +6,10 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
-# TEMPORARY (model branch): stand-ins until the wti / topk / sinkhorn branches land; the lead
-# replaces these three names with the real operators and deletes nbretr/ops/_pending.py.
-from nbretr.ops._pending import sinkhorn_log, topk_centrality, wti_similarity
+# TEMPORARY (model branch): stand-in until the topk branch lands.
+from nbretr.ops._pending import topk_centrality
+from nbretr.ops.sinkhorn import sinkhorn_log
+from nbretr.ops.wti import wti_block, wti_similarity
 
 __all__ = [
     "Backend",
@@ -19,4 +20,5 @@ __all__ = [
     "wti_similarity",
     "topk_centrality",
     "sinkhorn_log",
+    "wti_block",
 ]

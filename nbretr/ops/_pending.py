@@ -81,37 +81,3 @@ def topk_centrality(q, g, k: int, *, sim: str = "dot", exclude_self: bool = Fals
     else:
         sums = sums_new
     return values, indices, counts, sums
-
-
-def sinkhorn_log(scores: torch.Tensor, log_mu: torch.Tensor | None = None,
-                 log_nu: torch.Tensor | None = None, *, n_iters: int = 50, tol: float | None = None,
-                 eps: float = 1.0, backend: _backend.Backend | None = None):
-    """Batched log-domain Sinkhorn, differentiable through the loop (autograd).
-
-    scores [B,M,N]; default marginals ``-log(M+N)``. Returns
-    ``(log_plan [B,M,N], log_u [B,M], log_v [B,N], iters_done [B] int64)``."""
-    if backend is not None:
-        _backend._check("backend", backend)
-    B, M, N = scores.shape
-    x = scores / eps
-    if log_mu is None:
-        log_mu = x.new_full((B, M), -math.log(M + N))
-    if log_nu is None:
-        log_nu = x.new_full((B, N), -math.log(M + N))
-    u = x.new_zeros(B, M)
-    v = x.new_zeros(B, N)
-    done = torch.zeros(B, dtype=torch.bool, device=x.device)
-    iters = torch.zeros(B, dtype=torch.long, device=x.device)
-    for _ in range(n_iters):
-        u_new = log_mu - torch.logsumexp(x + v[:, None, :], dim=2)
-        v_new = log_nu - torch.logsumexp(x + u_new[:, :, None], dim=1)
-        u = torch.where(done[:, None], u, u_new)
-        v = torch.where(done[:, None], v, v_new)
-        iters = iters + (~done).long()
-        if tol is not None:
-            err = (torch.logsumexp(x + u[:, :, None] + v[:, None, :], dim=2).exp()
-                   - log_mu.exp()).abs().sum(1)
-            done = done | (err < tol)
-            if bool(done.all()):
-                break
-    return x + u[:, :, None] + v[:, None, :], u, v, iters

@@ -2,5 +2,7 @@
 oracle for tests and the baseline for bench/. Same signatures and semantics as the
 public functions in :mod:`nbretr.ops`."""
 from nbretr.ops.reference.ring import ring_push, ring_view, cat_slice_push
+from nbretr.ops.reference.sinkhorn import sinkhorn_log
+from nbretr.ops.reference.wti import wti_similarity
 
-__all__ = ["ring_push", "ring_view", "cat_slice_push"]
+__all__ = ["ring_push", "ring_view", "cat_slice_push", "sinkhorn_log", "wti_similarity"]

@@ -1,0 +1,101 @@
+// WTI (weighted token-wise interaction) max-and-weigh step, shared by the CPU and CUDA
+// kernels of wti_similarity (KERNELS.md section 1).
+//
+// One text-video pair (i, j) is seen through a WtiPair: the raw token dot products
+// raw[l, f] = <t_il, v_jf> at S[l * ld + f] (a block of a larger tile), the masks and
+// the (softmaxed) weights. The masked similarity is, exactly as in the reference,
+//     S_ij[l, f] = raw[l, f] * m_t[l] * m_v[f]      (masked entries are 0, not -inf)
+//     s_ij       = 1/2 (sum_l a_t[l] max_f S[l, f] + sum_f a_v[f] max_l S[l, f]).
+// Ties in a max go to the lowest index (strict ">" while scanning upwards), so the
+// backward of every backend routes the gradient to the same entry.
+#pragma once
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace nbretr {
+
+template <typename acc_t>
+struct WtiPair {
+  const acc_t* S;   // raw dot products, row l at S + l * ld
+  int64_t ld;
+  const acc_t* mt;  // [L] text mask
+  const acc_t* mv;  // [F] video mask
+  const acc_t* at;  // [L] text weights
+  const acc_t* av;  // [F] video weights
+  int64_t L, F;
+
+  NBRETR_HD acc_t s(int64_t l, int64_t f) const { return S[l * ld + f] * mt[l] * mv[f]; }
+};
+
+// max_f S[l, f] and its lowest arg-max (F >= 1)
+template <typename acc_t>
+NBRETR_HD void wti_row_max(const WtiPair<acc_t>& p, int64_t l, acc_t& best, int64_t& arg) {
+  best = p.s(l, 0);
+  arg = 0;
+  for (int64_t f = 1; f < p.F; ++f) {
+    const acc_t x = p.s(l, f);
+    if (x > best) {
+      best = x;
+      arg = f;
+    }
+  }
+}
+
+// max_l S[l, f] and its lowest arg-max (L >= 1)
+template <typename acc_t>
+NBRETR_HD void wti_col_max(const WtiPair<acc_t>& p, int64_t f, acc_t& best, int64_t& arg) {
+  best = p.s(0, f);
+  arg = 0;
+  for (int64_t l = 1; l < p.L; ++l) {
+    const acc_t x = p.s(l, f);
+    if (x > best) {
+      best = x;
+      arg = l;
+    }
+  }
+}
+
+// s_ij of one pair
+template <typename acc_t>
+NBRETR_HD acc_t wti_pair_score(const WtiPair<acc_t>& p) {
+  acc_t t2v = 0, v2t = 0;
+  acc_t m;
+  int64_t a;
+  for (int64_t l = 0; l < p.L; ++l) {
+    wti_row_max(p, l, m, a);
+    t2v += p.at[l] * m;
+  }
+  for (int64_t f = 0; f < p.F; ++f) {
+    wti_col_max(p, f, m, a);
+    v2t += p.av[f] * m;
+  }
+  return acc_t(0.5) * (t2v + v2t);
+}
+
+// Backward of one pair for an upstream gradient g = dL/ds_ij. Calls
+//   on_weight_t(l, d a_t[l]),  on_weight_v(f, d a_v[f]),
+//   on_entry(l, f, c)  with c = dL/draw[l, f] for each arg-max entry (may repeat an entry:
+//                      the row and the column max of one (l, f) add up),
+// so dL/dt_il += c * v_jf and dL/dv_jf += c * t_il. Entries with c == 0 are skipped.
+template <typename acc_t, typename WT, typename WV, typename E>
+NBRETR_HD void wti_pair_backward(const WtiPair<acc_t>& p, acc_t g, WT&& on_weight_t, WV&& on_weight_v,
+                                 E&& on_entry) {
+  const acc_t half_g = acc_t(0.5) * g;
+  acc_t m;
+  int64_t a;
+  for (int64_t l = 0; l < p.L; ++l) {
+    wti_row_max(p, l, m, a);
+    on_weight_t(l, half_g * m);
+    const acc_t c = half_g * p.at[l] * p.mt[l] * p.mv[a];
+    if (c != acc_t(0)) on_entry(l, a, c);
+  }
+  for (int64_t f = 0; f < p.F; ++f) {
+    wti_col_max(p, f, m, a);
+    on_weight_v(f, half_g * m);
+    const acc_t c = half_g * p.av[f] * p.mt[a] * p.mv[f];
+    if (c != acc_t(0)) on_entry(a, f, c);
+  }
+}
+
+}  // namespace nbretr

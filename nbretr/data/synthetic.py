@@ -1,0 +1,361 @@
+"""The embedded default dataset: short videos of moving coloured shapes with
+compositional captions, generated on the spot, reproducibly from a seed.
+
+Each video: 24 frames of 32x32 RGB at 2 fps (12 s; sampling at the default 1 fps gives
+the default 12 frames), libx264 .mp4 (~3 KB each) written in process with PyAV (or with
+imageio + imageio-ffmpeg: ``writer="imageio"``, ten times slower, one ffmpeg process per
+file), read back through the same decoding path as real datasets. It shows 1-3 shapes of one
+colour and kind moving in one direction over a plain background. A caption names all five
+factors (count, colour, shape, direction, background) in one of several phrasings, e.g.
+"two red squares moving left on a gray background".
+
+Factors: 6 colours x 4 shapes x 3 counts x 4 directions x 3 backgrounds. Splits hold out
+(colour, shape) pairs: the test split has only pairs that never occur in training (red
+circle, green triangle, blue cross), the val split three others (yellow square, purple
+circle, cyan triangle); every colour and every shape still occurs in training. Video i
+goes to test if i % 8 == 0, val if i % 8 == 1, else train (12.5% / 12.5% / 75%).
+
+Sizes: "default" 2,000 videos (1,500 / 250 / 250), "small" 64 (48 / 8 / 8) for tests.
+Cached under ``root`` (``data/synthetic``, or ``$NBRETR_DATA/synthetic``) with a
+``manifest.json`` that records every file's size and CRC-32; :func:`build` checks sizes
+(cheap; ``verify="full"`` also checksums) and regenerates only missing or corrupt files.
+
+Command: ``python -m nbretr.data.synthetic [--root DIR] [--size default|small] [--seed N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from nbretr.data.base import VideoRecord, VideoTextDataset
+
+log = logging.getLogger("nbretr.data")
+
+VERSION = 1
+SIZES = {"default": 2000, "small": 64}
+FRAME_SIZE = 32
+FPS = 2
+NUM_FRAMES = 24
+SHAPE_PX = 8
+SPEED_PX = 0.75  # per frame: 17 px over the clip
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
+           "yellow": (240, 220, 40), "purple": (150, 40, 200), "cyan": (40, 210, 220)}
+SHAPES = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}
+COUNTS = {1: "one", 2: "two", 3: "three"}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (120, 120, 120)}
+HELD_OUT = {"test": [("red", "circle"), ("green", "triangle"), ("blue", "cross")],
+            "val": [("yellow", "square"), ("purple", "circle"), ("cyan", "triangle")]}
+TEMPLATES = (
+    "{count} {colour} {shape} moving {dir} on a {bg} background",
+    "a {bg} background with {count} {colour} {shape} sliding {dir}",
+    "{count} {colour} {shape} {go} {dir} over a {bg} background",
+    "on a {bg} background {count} {colour} {shape} drift {dir}",
+)
+
+
+def default_root() -> Path:
+    base = os.environ.get("NBRETR_DATA")
+    return Path(base) / "synthetic" if base else Path("data") / "synthetic"
+
+
+def _split_of(i: int) -> str:
+    return "test" if i % 8 == 0 else "val" if i % 8 == 1 else "train"
+
+
+def _pairs(split: str) -> list[tuple[str, str]]:
+    if split != "train":
+        return HELD_OUT[split]
+    held = {p for v in HELD_OUT.values() for p in v}
+    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+
+
+def video_spec(i: int, seed: int) -> dict:
+    """The factors, caption and split of video ``i`` (deterministic in ``seed``, ``i``)."""
+    rng = np.random.default_rng([seed, i])
+    split = _split_of(i)
+    pairs = _pairs(split)
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    count = int(rng.integers(1, 4))
+    direction = list(DIRECTIONS)[int(rng.integers(4))]
+    bg = list(BACKGROUNDS)[int(rng.integers(3))]
+    t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    caption = t.format(count=COUNTS[count], colour=colour, shape=SHAPES[shape] if count > 1 else shape,
+                       dir=direction, bg=bg, go="goes" if count == 1 else "go")
+    return {"id": f"{i:05d}", "file": f"videos/{i:05d}.mp4", "split": split, "caption": caption,
+            "colour": colour, "shape": shape, "count": count, "direction": direction, "background": bg}
+
+
+def _shape_mask(shape: str, n: int = SHAPE_PX) -> np.ndarray:
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    c = n / 2
+    if shape == "square":
+        return np.ones((n, n), bool)
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= c * c
+    if shape == "triangle":  # apex up
+        return (yy >= 0.5) & (np.abs(xx - c) <= yy / 2)
+    if shape == "cross":
+        w = n / 6
+        return (np.abs(xx - c) <= w) | (np.abs(yy - c) <= w)
+    raise ValueError(shape)
+
+
+def render(spec: dict, seed: int) -> np.ndarray:
+    """uint8 ``[NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3]`` frames of one video."""
+    rng = np.random.default_rng([seed, int(spec["id"]), 1])
+    k, (dx, dy) = spec["count"], DIRECTIONS[spec["direction"]]
+    mask = _shape_mask(spec["shape"])
+    travel = SPEED_PX * (NUM_FRAMES - 1)
+    free = FRAME_SIZE - SHAPE_PX
+    # along the motion axis every shape starts within the slack left by the travel; across it
+    # the shapes sit in k separate bands so that they can be counted
+    along0 = rng.uniform(0, free - travel, size=k)
+    band = free / k
+    across = np.array([band * j + rng.uniform(0, max(band - SHAPE_PX * 0.25, 0.0)) for j in range(k)])
+    across = np.clip(across, 0, free)
+    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    frames[:] = np.array(BACKGROUNDS[spec["background"]], np.uint8)
+    colour = np.array(COLOURS[spec["colour"]], np.uint8)
+    for f in range(NUM_FRAMES):
+        for j in range(k):
+            a = along0[j] + SPEED_PX * f
+            if dx < 0 or dy < 0:
+                a = free - a
+            x, y = (a, across[j]) if dx else (across[j], a)
+            xi, yi = int(round(x)), int(round(y))
+            frames[f, yi:yi + SHAPE_PX, xi:xi + SHAPE_PX][mask] = colour
+    return frames
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "auto") -> None:
+    """Write uint8 frames ``[n, H, W, 3]`` as an H.264 (libx264, yuv420p, crf 18) .mp4,
+    atomically (temp file + rename). ``writer``: "pyav" encodes in process (~5 ms for one
+    of these clips), "imageio" pipes to imageio-ffmpeg's ffmpeg binary (~50 ms: one process
+    per file); "auto" = pyav when installed. Byte-for-byte output: imageio's ffmpeg writes
+    the same bytes every time; PyAV's libx264 was seen to write slightly different bytes
+    for ~5% of these clips from run to run (decoded pixels within ~15 levels), so the
+    content, not the bytes, is what the seed reproduces with it."""
+    if writer == "auto":
+        try:
+            import av  # noqa: F401
+            writer = "pyav"
+        except ImportError:
+            writer = "imageio"
+    tmp = path.with_name(path.stem + ".tmp.mp4")
+    if writer == "pyav":
+        import av
+
+        with av.open(str(tmp), "w") as c:
+            s = c.add_stream("libx264", rate=int(fps))
+            s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            s.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+            for k, fr in enumerate(frames):
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")
+                vf.pts = k
+                c.mux(s.encode(vf))
+            c.mux(s.encode())
+    elif writer == "imageio":
+        import imageio.v2 as iio
+
+        w = iio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=None, macro_block_size=16,
+                           pixelformat="yuv420p", ffmpeg_log_level="error",
+                           output_params=["-crf", "18", "-preset", "veryfast", "-threads", "1"])
+        try:
+            for fr in frames:
+                w.append_data(fr)
+        finally:
+            w.close()
+    else:
+        raise ValueError(f"writer must be 'auto', 'pyav' or 'imageio', got {writer!r}")
+    os.replace(tmp, path)
+
+
+def _crc(path: Path) -> int:
+    return zlib.crc32(path.read_bytes()) & 0xFFFFFFFF
+
+
+def _make(args: tuple[Path, dict, int, str]) -> tuple[str, int, int]:
+    root, spec, seed, writer = args
+    path = root / spec["file"]
+    write_mp4(path, render(spec, seed), writer=writer)
+    return spec["id"], path.stat().st_size, _crc(path)
+
+
+def _params(size: str, seed: int) -> dict:
+    return {"version": VERSION, "size": size, "num_videos": SIZES[size], "seed": int(seed), "fps": FPS,
+            "num_frames": NUM_FRAMES, "frame_size": FRAME_SIZE}
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        m = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("complete") and isinstance(m.get("videos"), list) else None
+
+
+def check(root: str | os.PathLike, verify: str = "size") -> list[str]:
+    """Ids of the videos listed in ``root``'s manifest that are missing or corrupt (size, or
+    with ``verify="full"`` also CRC-32, differs from the manifest). Raises FileNotFoundError
+    when there is no complete manifest."""
+    root = Path(root)
+    m = _read_manifest(root)
+    if m is None:
+        raise FileNotFoundError(f"no complete synthetic-dataset manifest in {root}")
+    bad = []
+    for v in m["videos"]:
+        p = root / v["file"]
+        try:
+            ok = p.stat().st_size == v["bytes"] and (verify != "full" or _crc(p) == v["crc32"])
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(v["id"])
+    return bad
+
+
+def build(root: str | os.PathLike | None = None, size: str = "default", seed: int = 0, *, workers: int = 2,
+          verify: str = "size", progress: bool | None = None, writer: str = "auto") -> Path:
+    """Generate the embedded dataset in ``root`` (or reuse it when its manifest matches
+    ``size``/``seed`` and every file checks out), regenerating only missing or corrupt
+    videos. Returns the folder. ``workers``: processes for encoding (a Pool of 2 by default);
+    ``writer``: see :func:`write_mp4` ("imageio" for byte-identical rebuilds, 10x slower).
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    root = Path(root) if root is not None else default_root()
+    params = _params(size, seed)
+    specs = [video_spec(i, seed) for i in range(params["num_videos"])]
+    old = _read_manifest(root)
+    done: dict[str, dict] = {}
+    if old is not None and {k: old.get(k) for k in params} == params:
+        bad = set(check(root, verify))
+        done = {v["id"]: v for v in old["videos"] if v["id"] not in bad}
+        if not bad:
+            return root
+        log.warning("synthetic dataset %s: %d missing or corrupt video(s), regenerating them", root, len(bad))
+    elif old is not None:
+        log.info("synthetic dataset %s was built with other settings; regenerating", root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    mpath = root / "manifest.json"
+    if mpath.exists():
+        mpath.unlink()  # incomplete until rewritten
+    todo = [s for s in specs if s["id"] not in done]
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    results: dict[str, tuple[int, int]] = {}
+    bar = tqdm(total=len(todo), desc=f"synthetic[{size}]", unit="video",
+               disable=None if progress is None else not progress)
+    jobs = [(root, s, seed, writer) for s in todo]
+    if workers > 1 and len(todo) >= 16:
+        with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:
+            for vid, nbytes, crc in pool.imap_unordered(_make, jobs, chunksize=8):
+                results[vid] = (nbytes, crc)
+                bar.update()
+    else:
+        for job in jobs:
+            vid, nbytes, crc = _make(job)
+            results[vid] = (nbytes, crc)
+            bar.update()
+    bar.close()
+    entries = []
+    for s in specs:
+        e = dict(s)
+        if s["id"] in results:
+            e["bytes"], e["crc32"] = results[s["id"]]
+        else:
+            e["bytes"], e["crc32"] = done[s["id"]]["bytes"], done[s["id"]]["crc32"]
+        entries.append(e)
+    manifest = dict(params, complete=True, generated_s=round(time.perf_counter() - t0, 2), videos=entries)
+    tmp = mpath.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=0))
+    os.replace(tmp, mpath)
+    log.info("synthetic dataset %s: %d video(s) written in %.1f s", root, len(todo), manifest["generated_s"])
+    return root
+
+
+def ensure(root: str | os.PathLike | None = None, size: str | None = None, seed: int | None = None) -> Path:
+    """``root`` ready to read: with ``size``/``seed`` None, any complete valid build is
+    accepted (missing or corrupt files regenerated); otherwise as :func:`build`."""
+    root = Path(root) if root is not None else default_root()
+    m = _read_manifest(root)
+    if m is not None and size is None and seed is None and m.get("size") in SIZES and m.get("version") == VERSION:
+        return build(root, m["size"], m["seed"])
+    return build(root, size or "default", 0 if seed is None else seed)
+
+
+class SyntheticDataset(VideoTextDataset):
+    """The embedded dataset (see the module docstring); one caption per video. Extra
+    options: ``size`` and ``seed`` (passed to :func:`ensure`, which builds it if needed)."""
+
+    name = "synthetic"
+
+    def __init__(self, root=None, split="train", tokenizer=None, **kw):
+        kw.setdefault("flip_p", 0.0)  # captions say left/right
+        root = ensure(root, kw.pop("size", None), kw.pop("seed", None))
+        if tokenizer is None:
+            tokenizer = word_tokenizer(root)
+        super().__init__(root, split, tokenizer, **kw)
+
+    def _read(self):
+        m = _read_manifest(self.root)
+        videos, pairs = [], []
+        for v in m["videos"]:
+            if v["split"] == self.split:
+                pairs.append((v["caption"], len(videos)))
+                videos.append(VideoRecord(v["id"], self.root / v["file"]))
+        return videos, pairs
+
+
+def word_tokenizer(root: str | os.PathLike | None = None):
+    """The word tokenizer for the embedded dataset: vocabulary from every caption the
+    generator can write (all splits share it, so test words are known)."""
+    from nbretr.data.tokenizers import WordTokenizer
+
+    words = []
+    for c in COLOURS:
+        for s, pl in SHAPES.items():
+            for n, cw in COUNTS.items():
+                for d in DIRECTIONS:
+                    for b in BACKGROUNDS:
+                        for t in TEMPLATES:
+                            words.append(t.format(count=cw, colour=c, shape=pl if n > 1 else s, dir=d, bg=b,
+                                                  go="goes" if n == 1 else "go"))
+    return WordTokenizer.from_captions(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nbretr.data.synthetic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=None, help="folder (default data/synthetic, or $NBRETR_DATA/synthetic)")
+    p.add_argument("--size", default="default", choices=sorted(SIZES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--verify", default="size", choices=["size", "full"])
+    p.add_argument("--writer", default="auto", choices=["auto", "pyav", "imageio"],
+                   help="mp4 writer: pyav (in process, fast) or imageio-ffmpeg (byte-identical rebuilds, 10x slower)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    root = build(a.root, a.size, a.seed, workers=a.workers, verify=a.verify, progress=True, writer=a.writer)
+    m = _read_manifest(root)
+    n = {s: sum(v["split"] == s for v in m["videos"]) for s in ("train", "val", "test")}
+    nbytes = sum(v["bytes"] for v in m["videos"])
+    print(f"{root}: {len(m['videos'])} videos (train {n['train']}, val {n['val']}, test {n['test']}), "
+          f"{nbytes / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

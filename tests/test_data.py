@@ -1,0 +1,474 @@
+"""nbretr.data: sampling, decoding backends, preprocessing, tokenizers, the embedded
+dataset, each standard layout on a miniature copy written here, and bad data."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nbretr.data import (AnnotationError, VideoDecodeError, build_dataset, collate, decode_frames, log_bad_summary,
+                         sample_indices)
+from nbretr.data import synthetic
+from nbretr.data.decoding import CLIP_MEAN, CLIP_STD, Preprocess, available_backends
+from nbretr.data.tokenizers import WordTokenizer, clip_tokenizer_from_bpe, load_clip_tokenizer
+
+BACKENDS = available_backends()
+
+
+def write_video(path: Path, n: int = 10, fps: float = 2, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """A real libx264 .mp4 whose frame k has mean brightness growing with k."""
+    rng = np.random.default_rng(seed)
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for k in range(n):
+        frames[k] = 10 + 20 * k
+        frames[k, :, : w // 4] = rng.integers(0, 255, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    synthetic.write_mp4(path, frames, fps=fps)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return synthetic.build(tmp_path_factory.mktemp("synthetic"), "small", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    return synthetic.word_tokenizer()
+
+
+# ---------------------------------------------------------------- sampling and decoding
+
+def test_sample_indices_framerate_and_uniform_pick():
+    # 30 s at 30 fps, 1 fps -> 30 candidates (one per second) -> 12 picked uniformly
+    idx = sample_indices(900, 30.0, 12, 1.0)
+    cand = np.arange(0, 900, 30)
+    assert idx.tolist() == cand[np.linspace(0, 29, 12).astype(int)].tolist()
+    assert idx[0] == 0 and idx[-1] == 870
+    # fewer candidates than max_frames: all of them
+    assert sample_indices(100, 25.0, 12, 1.0).tolist() == [0, 25, 50, 75]
+    # start/end seconds
+    assert sample_indices(300, 10.0, 64, 1.0, start=5, end=9).tolist() == [50, 60, 70, 80]
+    # a clip shorter than one period still gives its first frame; empty clip gives none
+    assert sample_indices(3, 30.0, 12, 1.0).tolist() == [0]
+    assert sample_indices(0, 30.0, 12).tolist() == []
+    # framerate <= 0: every frame, then uniform pick
+    assert len(sample_indices(50, 10.0, 12, 0)) == 12
+    with pytest.raises(ValueError, match="max_frames"):
+        sample_indices(10, 10.0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_samples_the_right_frames(tmp_path, backend):
+    frames = write_video(tmp_path / "v.mp4", n=10, fps=2)  # 5 s at 2 fps
+    got = decode_frames(tmp_path / "v.mp4", max_frames=12, framerate=1.0, backend=backend)
+    assert got.shape == (5, 48, 64, 3) and got.dtype == np.uint8
+    # frames 0, 2, 4, 6, 8: brightness of the uniform part identifies the frame
+    np.testing.assert_allclose(got[:, :, 32:].mean(axis=(1, 2, 3)), frames[::2, :, 32:].mean(axis=(1, 2, 3)), atol=3)
+    got = decode_frames(tmp_path / "v.mp4", max_frames=2, framerate=2.0, start=1.0, end=4.0, backend=backend)
+    np.testing.assert_allclose(got[:, 0, 40].mean(axis=-1), [frames[2, 0, 40, 0], frames[7, 0, 40, 0]], atol=3)
+
+
+def test_backends_agree(tmp_path):
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both decord and av")
+    write_video(tmp_path / "v.mp4", n=12, fps=4)
+    a = decode_frames(tmp_path / "v.mp4", 6, 2.0, backend="decord")
+    b = decode_frames(tmp_path / "v.mp4", 6, 2.0, backend="pyav")
+    assert a.shape == b.shape
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_backend_choice_reported_once(tmp_path, monkeypatch, caplog):
+    from nbretr.data import decoding
+    if "pyav" not in BACKENDS:
+        pytest.skip("needs av")
+    write_video(tmp_path / "v.mp4")
+    monkeypatch.setattr(decoding, "_have_decord", lambda: False)  # as if decord were not installed
+    monkeypatch.setattr(decoding, "_reported", set())
+    with caplog.at_level(logging.INFO, logger="nbretr.data"):
+        for _ in range(3):
+            assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape[0] == 5
+    assert [r.getMessage() for r in caplog.records].count(
+        "nbretr.data: decord is not installed; decoding videos with PyAV") == 1
+
+
+def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplog):
+    from nbretr.data import decoding
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both decord and av")
+    write_video(tmp_path / "v.mp4")
+
+    def refuse(path, *a):
+        raise VideoDecodeError(path, "undecodable", "decord: simulated failure")
+
+    monkeypatch.setattr(decoding, "_decode_decord", refuse)
+    monkeypatch.setattr(decoding, "_reported", set())
+    with caplog.at_level(logging.INFO, logger="nbretr.data"):
+        for _ in range(2):
+            assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape == (5, 48, 64, 3)
+    assert sum("trying PyAV" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(VideoDecodeError, match="simulated failure"):
+        decode_frames(tmp_path / "v.mp4", backend="decord")
+
+
+def test_preprocess_resize_crop_normalise():
+    frames = np.full((3, 48, 64, 3), 255, np.uint8)
+    out = Preprocess(image_size=32)(frames)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+    expect = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[0, :, 5, 5], expect, atol=1e-4, rtol=1e-4)
+    # centre crop of the wider side: a left border stripe is cut away
+    frames = np.full((3, 48, 96, 3), 255, np.uint8)
+    frames[:, :, :8] = 0
+    out = Preprocess(image_size=32)(frames)
+    torch.testing.assert_close(out[0, :, 16, 0], expect, atol=1e-3, rtol=1e-3)
+    # the resize matches CLIP's PIL bicubic resize within 2 grey levels
+    from PIL import Image
+    rnd = np.random.default_rng(0).integers(0, 255, (2, 40, 30, 3), dtype=np.uint8)
+    std, mean = torch.tensor(CLIP_STD).view(1, 3, 1, 1), torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    out = Preprocess(image_size=20)(rnd) * std + mean
+    pil = np.stack([np.asarray(Image.fromarray(f).resize((20, 27), Image.BICUBIC))[3:23] for f in rnd])
+    assert np.abs(out.permute(0, 2, 3, 1).numpy() * 255 - pil).max() <= 2.01
+    aug = Preprocess(image_size=32, augment=True)(frames, torch.Generator().manual_seed(0))
+    assert aug.shape == (3, 3, 32, 32) and torch.isfinite(aug).all()
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_word_tokenizer(tmp_path):
+    tok = WordTokenizer.from_captions(["a red square", "a blue square moving left", "a red circle"])
+    assert tok.itos[:4] == list(WordTokenizer.SPECIALS) and tok.itos[4] == "a" and tok.vocab_size == 11
+    ids, mask = tok(["a red square", "zzz"], max_words=5)
+    assert ids.dtype == torch.long and ids.shape == (2, 5)
+    assert ids[0].tolist() == [1, tok.stoi["a"], tok.stoi["red"], tok.stoi["square"], 2]
+    assert ids[1].tolist() == [1, 3, 2, 0, 0] and mask[1].tolist() == [1, 1, 1, 0, 0]
+    ids, _ = tok("a blue square moving left", max_words=4)  # truncation keeps start and end
+    assert ids[0].tolist() == [1, tok.stoi["a"], tok.stoi["blue"], 2]
+    tok.save(tmp_path / "tok.json")
+    assert WordTokenizer.load(tmp_path / "tok.json").itos == tok.itos
+
+
+def _fake_bpe(path: Path) -> None:
+    merges = ["#version: 0.2", "t h", "th e</w>", "r e", "re d</w>", "s q", "sq u", "squ a", "squa r", "squar e</w>"]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(merges) + "\n")
+
+
+def test_clip_tokenizer_from_bpe_and_hf_dir(tmp_path):
+    _fake_bpe(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    hf = clip_tokenizer_from_bpe(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    assert hf.convert_tokens_to_ids("<|startoftext|>") == 512 + 9 and hf.convert_tokens_to_ids("the</w>") == 513
+    for src in (tmp_path / "bpe_simple_vocab_16e6.txt.gz", tmp_path / "ViT-B-32.pt"):
+        if src.suffix == ".pt":
+            src.write_bytes(b"not read")  # the BPE file next to an OpenAI archive is used
+        tok = load_clip_tokenizer(src)
+        ids, mask = tok(["The red square", "the"], max_words=6)
+        assert ids[0].tolist() == [tok.start_id, 513, 515, 520, tok.end_id, 0]
+        assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]
+    long_ids, long_mask = tok(["the red square " * 60], max_words=8)  # truncated, no length warning
+    assert long_ids[0].tolist() == [tok.start_id, 513, 515, 520, 513, 515, 520, tok.end_id]
+    tok.save(tmp_path / "hf")
+    tok2 = load_clip_tokenizer(tmp_path / "hf")
+    assert torch.equal(tok2(["the red square"], 8)[0], tok(["the red square"], 8)[0])
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "model.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6"):
+        load_clip_tokenizer(tmp_path / "bare" / "model.pt")
+
+
+# ---------------------------------------------------------------- the embedded dataset
+
+def test_synthetic_build_reuse_and_repair(small_root, tmp_path):
+    m = json.loads((small_root / "manifest.json").read_text())
+    assert m["complete"] and len(m["videos"]) == 64 and m["size"] == "small"
+    assert synthetic.check(small_root, "full") == []
+    root = tmp_path / "syn"
+    shutil.copytree(small_root, root)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (root / "videos").iterdir()}
+    assert synthetic.build(root, "small", progress=False) == root
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "videos").iterdir()} == mtimes  # reused
+    # corrupt one file, delete another: exactly those two are rewritten
+    victim, gone = root / "videos" / "00003.mp4", root / "videos" / "00010.mp4"
+    victim.write_bytes(victim.read_bytes()[:100])
+    gone.unlink()
+    assert sorted(synthetic.check(root)) == ["00003", "00010"]
+    synthetic.build(root, "small", progress=False)
+    assert synthetic.check(root, "full") == []
+    changed = {p.name for p in (root / "videos").iterdir() if mtimes.get(p.name) != p.stat().st_mtime_ns}
+    assert changed == {"00003.mp4", "00010.mp4"}
+
+
+@pytest.mark.parametrize("writer", ["pyav", "imageio"])
+def test_synthetic_writers_read_back(tmp_path, writer):
+    spec = synthetic.video_spec(7, 0)
+    frames = synthetic.render(spec, 0)
+    synthetic.write_mp4(tmp_path / "a.mp4", frames, writer=writer)
+    got = decode_frames(tmp_path / "a.mp4", max_frames=24, framerate=0)
+    assert got.shape == frames.shape
+    assert np.abs(got.astype(int) - frames).mean() < 8  # lossy, chroma subsampled at 32x32
+    if writer == "imageio":  # the ffmpeg binary writes the same bytes every time
+        synthetic.write_mp4(tmp_path / "b.mp4", frames, writer=writer)
+        assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_synthetic_default_root_from_env(small_root, tmp_path, monkeypatch):
+    shutil.copytree(small_root, tmp_path / "synthetic")
+    monkeypatch.setenv("NBRETR_DATA", str(tmp_path))
+    ds = build_dataset("synthetic", None, "val", None, image_size=32, augment=True)  # its word tokenizer
+    assert ds.root == tmp_path / "synthetic" and ds.num_videos == 8
+    assert ds.preprocess.flip_p == 0.0  # captions say left/right
+    item = ds[0]
+    assert item["video"].shape == (12, 3, 32, 32) and item["text_mask"].sum() > 5
+
+
+def test_synthetic_captions_and_held_out_pairs(small_root):
+    m = json.loads((small_root / "manifest.json").read_text())
+    # reproducible from the seed
+    assert [synthetic.video_spec(i, 0)["caption"] for i in range(64)] == [v["caption"] for v in m["videos"]]
+    assert [synthetic.video_spec(i, 1)["caption"] for i in range(64)] != [v["caption"] for v in m["videos"]]
+    spec5 = synthetic.video_spec(5, 0)
+    assert np.array_equal(synthetic.render(spec5, 0), synthetic.render(spec5, 0))
+    pairs = {s: {(v["colour"], v["shape"]) for v in m["videos"] if v["split"] == s} for s in ("train", "val", "test")}
+    assert pairs["test"] and pairs["val"]
+    assert not (pairs["test"] & pairs["train"]) and not (pairs["val"] & pairs["train"])
+    for v in m["videos"]:
+        words = v["caption"].split()
+        assert v["colour"] in words and v["direction"] in words and v["background"] in words
+        assert synthetic.COUNTS[v["count"]] in words
+        assert (synthetic.SHAPES[v["shape"]] if v["count"] > 1 else v["shape"]) in words
+    frames = synthetic.render(synthetic.video_spec(0, 0), 0)
+    assert frames.shape == (synthetic.NUM_FRAMES, 32, 32, 3)
+
+
+def test_synthetic_dataset_items_and_loader(small_root, word_tok):
+    ds = build_dataset("synthetic", small_root, "train", word_tok, image_size=32)
+    assert len(ds) == ds.num_videos == 48 and len(ds.video_ids) == 48
+    assert ds.caption_to_video.tolist() == list(range(48))
+    item = ds[3]
+    assert item["video"].shape == (12, 3, 32, 32) and item["video"].dtype == torch.float32
+    assert item["video_mask"].tolist() == [1] * 12 and item["bad"] is False
+    assert item["text_ids"].shape == (24,) and item["text_ids"].dtype == torch.long
+    assert item["text_mask"].sum() == len(ds.captions[3].split()) + 2
+    batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
+    assert batch["video"].shape == (4, 12, 3, 32, 32) and batch["index"].dtype == torch.long
+    assert batch["bad"].dtype == torch.bool and batch["video_mask"].shape == (4, 12)
+    # 2 fps clips sampled at 2 fps and 4 frames: uniform over 24 frames
+    ds4 = build_dataset("synthetic", small_root, "test", word_tok, max_frames=4, video_framerate=2.0, image_size=16)
+    it = ds4[0]
+    assert it["video"].shape == (4, 3, 16, 16) and it["video_mask"].tolist() == [1, 1, 1, 1]
+    tv, vv = ds4.text_view(), ds4.video_view()
+    assert len(tv) == len(ds4) and "video" not in tv[0]
+    assert len(vv) == ds4.num_videos and vv[1]["video_index"] == 1
+
+
+# ---------------------------------------------------------------- the standard layouts (miniatures)
+
+def _videos(folder: Path, names: list[str], ext: str = ".mp4", n: int = 6) -> None:
+    for k, name in enumerate(names):
+        write_video(folder / f"{name}{ext}", n=n, fps=2, h=24, w=32, seed=k)
+
+
+def test_msrvtt_layout(tmp_path, word_tok):
+    root = tmp_path / "msrvtt"
+    _videos(root / "videos", ["video0", "video1", "video2", "video7010"])
+    sents = [{"video_id": f"video{i}", "caption": f"a red square number {i} {j}", "sen_id": 3 * i + j}
+             for i in range(3) for j in range(3)]
+    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [], "sentences": sents}))
+    (root / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo1\nvideo2\n")
+    (root / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\nvideo1\n")
+    (root / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,msr7010,video7010,a man is talking\n")
+    tr = build_dataset("msrvtt", root, "train", word_tok, image_size=32)
+    assert tr.num_videos == 3 and len(tr) == 9 and tr.caption_to_video.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert tr.captions[4] == "a red square number 1 1"
+    assert build_dataset("msrvtt", root, "train", word_tok, train_list="7k").num_videos == 2
+    te = build_dataset("msrvtt", root, "test", word_tok, image_size=32)
+    assert te.video_ids == ["video7010"] and te.captions == ["a man is talking"]
+    assert te[0]["video_mask"].tolist() == [1, 1, 1] + [0] * 9  # 3 s at 1 fps
+
+
+def test_msvd_multi_caption(tmp_path, word_tok):
+    root = tmp_path / "msvd"
+    _videos(root / "videos", ["vidA_1_5", "vidB_2_7"], ext=".mp4")
+    raw = {"vidA_1_5": [["a", "cat", "plays"], ["the", "cat", "jumps"]], "vidB_2_7": [["a", "dog"], ["dog", "runs"],
+                                                                                     ["a", "dog", "barks"]]}
+    (root / "raw-captions.pkl").write_bytes(pickle.dumps(raw))
+    for s in ("train", "val", "test"):
+        (root / f"{s}_list.txt").write_text("vidA_1_5\nvidB_2_7\n")
+    te = build_dataset("msvd", root, "test", word_tok, image_size=32)
+    assert te.num_videos == 2 and len(te) == 5 and te.caption_to_video.tolist() == [0, 0, 1, 1, 1]
+    assert te.captions[0] == "a cat plays"
+    assert te[3]["video_index"] == 1 and te[3]["index"] == 3
+
+
+def test_didemo_paragraphs(tmp_path, word_tok):
+    root = tmp_path / "didemo"
+    _videos(root / "videos", ["111@N00_22_abc", "333@N00_44_def"])
+    (root / "test_list.txt").write_text("111@N00_22_abc.mp4\n333@N00_44_def\n")
+    data = [{"video": "111@N00_22_abc.avi", "description": "a girl waves", "times": [[0, 0], [0, 1]]},
+            {"video": "333@N00_44_def.avi", "description": "a car passes", "times": [[1, 1]]},
+            {"video": "111@N00_22_abc.avi", "description": "she laughs", "times": [[2, 3]]}]
+    (root / "test_data.json").write_text(json.dumps(data))
+    ds = build_dataset("didemo", root, "test", word_tok, image_size=32)
+    assert ds.video_ids == ["111@N00_22_abc", "333@N00_44_def"]
+    assert ds.captions == ["a girl waves she laughs", "a car passes"]
+    assert ds[1]["video"].shape == (12, 3, 32, 32)
+
+
+def test_activitynet_paragraphs(tmp_path, word_tok):
+    root = tmp_path / "anet"
+    _videos(root / "videos", ["v_abc", "v_xyz"])
+    ann = {"v_abc": {"duration": 3.0, "timestamps": [[0, 1], [1, 3]], "sentences": ["A man runs.", " He stops."]},
+           "v_xyz": {"duration": 3.0, "timestamps": [[0, 3]], "sentences": ["Kids play."]}}
+    (root / "val_1.json").write_text(json.dumps(ann))
+    (root / "val_ids.json").write_text(json.dumps(["v_abc", "v_xyz"]))
+    (root / "train.json").write_text(json.dumps(ann))
+    (root / "train_ids.json").write_text(json.dumps(["v_xyz"]))
+    ds = build_dataset("activitynet", root, "test", word_tok, max_words=64, max_frames=64, image_size=32)
+    assert ds.captions == ["A man runs. He stops.", "Kids play."] and len(ds) == 2
+    assert ds[0]["video"].shape == (64, 3, 32, 32) and ds[0]["video_mask"].sum() == 3
+    assert build_dataset("activitynet", root, "train", word_tok).video_ids == ["v_xyz"]
+
+
+@pytest.mark.parametrize("name", ["coco", "flickr30k"])
+def test_karpathy_images(tmp_path, word_tok, name):
+    from PIL import Image
+    root = tmp_path / name
+    images = []
+    for k, split in enumerate(["train", "restval", "val", "test", "test"]):
+        fp = "val2014" if name == "coco" else ""
+        fn = f"img{k}.jpg"
+        (root / "images" / fp).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 60, 3), 30 * k, np.uint8)).save(root / "images" / fp / fn)
+        entry = {"filename": fn, "split": split, "sentences": [{"raw": f"photo {k} caption {j}"} for j in range(6)]}
+        if name == "coco":
+            entry["filepath"] = fp
+        images.append(entry)
+    (root / f"dataset_{name}.json").write_text(json.dumps({"images": images, "dataset": name}))
+    te = build_dataset(name, root, "test", word_tok, max_frames=1, image_size=32)
+    assert te.num_videos == 2 and len(te) == 10 and te.caption_to_video.tolist() == [0] * 5 + [1] * 5
+    item = te[7]
+    assert item["video"].shape == (1, 3, 32, 32) and item["video_mask"].tolist() == [1]
+    # a broken image is a bad item, like a broken video
+    te.videos[1].path.write_text("not an image")
+    item = te[7]
+    assert item["bad"] and item["video_mask"].tolist() == [0]
+    assert te.bad_summary()["by_reason"] == {"undecodable": 1}
+    assert build_dataset(name, root, "train", word_tok).num_videos == 2  # train + restval
+    if name == "coco":
+        assert build_dataset(name, root, "test", word_tok, test_size="1k").num_videos == 2
+
+
+# ---------------------------------------------------------------- bad data
+
+def _broken_msrvtt(root: Path) -> None:
+    _videos(root / "videos", ["good0", "good1"])
+    (root / "videos" / "empty.mp4").write_bytes(b"")
+    data = (root / "videos" / "good0.mp4").read_bytes()
+    (root / "videos" / "trunc.mp4").write_bytes(data[: len(data) // 2])
+    (root / "videos" / "text.mp4").write_text("this is not a video\n")
+    # a "fast start" mp4 (index first) cut after a third: opens, then fails mid-stream
+    av = pytest.importorskip("av")
+    with av.open(str(root / "faststart.mp4"), "w", options={"movflags": "faststart"}) as c:
+        st = c.add_stream("libx264", rate=8)
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for f in np.random.default_rng(0).integers(0, 255, (48, 64, 64, 3), dtype=np.uint8):
+            c.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(st.encode())
+    data = (root / "faststart.mp4").read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    (root / "videos" / "cut.mp4").write_bytes(data[: len(data) // 3])
+    rows = ["key,vid_key,video_id,sentence"] + [f"r{i},k{i},{v},caption of {v}" for i, v in
+                                                enumerate(["good0", "empty", "trunc", "text", "cut", "good1"])]
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_bad_videos_are_skipped_with_one_warning_each(tmp_path, word_tok, caplog):
+    root = tmp_path / "broken"
+    _broken_msrvtt(root)
+    ds = build_dataset("msrvtt", root, "test", word_tok, image_size=32)
+    assert len(ds) == 6
+    with caplog.at_level(logging.WARNING, logger="nbretr.data"):
+        for _ in range(2):  # two epochs: still one warning per file
+            items = [ds[i] for i in range(len(ds))]
+    assert [it["bad"] for it in items] == [False, True, True, True, True, False]
+    for it in items[1:5]:
+        assert it["video_mask"].sum() == 0 and it["video"].abs().sum() == 0
+    assert items[0]["video_mask"].sum() == 3
+    msgs = [r.getMessage() for r in caplog.records if "skipping bad video" in r.getMessage()]
+    assert len(msgs) == 4
+    for name, reason in (("empty.mp4", "empty"), ("trunc.mp4", "undecodable"), ("text.mp4", "undecodable"),
+                         ("cut.mp4", "undecodable")):
+        assert sum(name in m and reason in m for m in msgs) == 1, msgs
+    s = ds.bad_summary()
+    assert s["bad_videos"] == 4 and s["bad_items"] == 8 and s["by_reason"] == {"empty": 1, "undecodable": 3}
+    with caplog.at_level(logging.WARNING, logger="nbretr.data"):
+        log_bad_summary(ds, epoch=0, reset=True)
+    assert "4 bad video(s), 8 item(s) skipped" in caplog.records[-1].getMessage()
+    assert ds.bad_summary()["bad_items"] == 0
+    # a batch with bad items: the training loop can drop them
+    batch = collate(items)
+    assert batch["bad"].tolist() == [False, True, True, True, True, False]
+
+
+def test_bad_videos_strict_raises_naming_the_file(tmp_path, word_tok):
+    root = tmp_path / "broken"
+    _broken_msrvtt(root)
+    ds = build_dataset("msrvtt", root, "test", word_tok, image_size=32, strict=True)
+    ds[0]
+    for i, name in ((1, "empty.mp4"), (2, "trunc.mp4"), (3, "text.mp4"), (4, "cut.mp4")):
+        with pytest.raises(VideoDecodeError, match=name):
+            ds[i]
+    with pytest.raises(VideoDecodeError, match="missing"):
+        decode_frames(root / "videos" / "nope.mp4")
+
+
+def test_bad_summary_counts_worker_items(tmp_path, word_tok):
+    root = tmp_path / "broken"
+    _broken_msrvtt(root)
+    ds = build_dataset("msrvtt", root, "test", word_tok, image_size=16)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
+    bad = torch.cat([b["bad"] for b in loader])
+    assert bad.tolist() == [False, True, True, True, True, False]
+    assert ds.bad_summary()["bad_items"] == 4  # seen by the workers, counted in shared memory
+
+
+def test_annotation_problems_name_file_and_line(tmp_path, word_tok, caplog):
+    root = tmp_path / "ann"
+    _videos(root / "videos", ["video0", "video1"])
+    (root / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nr0,k0,video0,fine\nr1,k1,video9,missing video\nr2,k2\nr3,k3,video1,ok\n")
+    with caplog.at_level(logging.WARNING, logger="nbretr.data"):
+        ds = build_dataset("msrvtt", root, "test", word_tok)
+    assert ds.video_ids == ["video0", "video1"] and ds.captions == ["fine", "ok"]
+    text = "\n".join(ds.annotation_problems)
+    assert "MSRVTT_JSFUSION_test.csv line 3: video video9 not found" in text
+    assert "MSRVTT_JSFUSION_test.csv line 4: malformed row" in text
+    assert any("line 3" in r.getMessage() for r in caplog.records)
+    with pytest.raises(AnnotationError, match="line 3"):
+        build_dataset("msrvtt", root, "test", word_tok, strict=True)
+    (root / "test_list.txt").write_text("video0\nvideo1 extra\nvideo5\n")
+    (root / "raw-captions.pkl").write_bytes(pickle.dumps({"video0": [["a"]], "video5": [["b"]]}))
+    ms = build_dataset("msvd", root, "test", word_tok)
+    assert ms.video_ids == ["video0"]
+    assert any("test_list.txt line 2: malformed line" in p for p in ms.annotation_problems)
+    assert any("test_list.txt line 3: video video5 not found" in p for p in ms.annotation_problems)
+
+
+def test_build_dataset_errors(tmp_path, word_tok):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("kinetics", tmp_path, "test", word_tok)
+    with pytest.raises(ValueError, match="split"):
+        build_dataset("msrvtt", tmp_path, "dev", word_tok)
+    with pytest.raises(FileNotFoundError, match="MSRVTT_JSFUSION_test.csv"):
+        build_dataset("msrvtt", tmp_path, "test", word_tok)

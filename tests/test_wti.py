@@ -1,0 +1,304 @@
+"""wti_similarity (KERNELS.md 1): ext vs torch path, gradients, gradcheck, low precision,
+masks, ties, errors, opcheck."""
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from nbretr import ops
+from nbretr.ops.reference import wti_similarity as ref_wti
+
+from conftest import require_ext
+
+BACKENDS = ["torch", "ext"]
+
+
+def _backend_ok(backend, device):
+    if backend == "ext":
+        require_ext(device)
+
+
+def make_side(B, L, D, dtype=torch.float32, device="cpu", mask_dtype=torch.long, one_token_rows=True, gen=None):
+    """Normalised tokens, a {0,1} mask with >= 1 valid token per row (some rows with only
+    one), softmaxed weights that are 0 on masked tokens."""
+    x = Fn.normalize(torch.randn(B, L, D, generator=gen, dtype=torch.float64), dim=-1)
+    m = torch.rand(B, L, generator=gen) > 0.3
+    m[:, 0] = True
+    if one_token_rows and B > 1:
+        m[1::3] = False
+        m[1::3, L - 1] = True  # rows entirely masked but one (the last) token
+    w = torch.randn(B, L, generator=gen, dtype=torch.float64).masked_fill(~m, float("-inf")).softmax(-1)
+    return (x.to(dtype).to(device), m.to(mask_dtype).to(device), w.to(torch.float32 if dtype != torch.float64 else dtype).to(device))
+
+
+def make(Bt, Bv, L, F, D, dtype=torch.float32, device="cpu", mask_dtype=torch.long, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (*make_side(Bt, L, D, dtype, device, mask_dtype, gen=gen), *make_side(Bv, F, D, dtype, device, mask_dtype, gen=gen))
+
+
+SHAPES = [  # Bt, Bv, L, F, D
+    (1, 1, 1, 1, 8),
+    (3, 5, 7, 4, 16),
+    (5, 3, 77, 12, 64),
+    (2, 7, 1, 77, 24),
+    (9, 11, 32, 12, 33),
+    (13, 2, 20, 77, 512),
+    (40, 37, 9, 5, 8),  # several CPU tiles in each direction
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.bool, torch.float32])
+def test_forward_matches_torch_path(device, shape, mask_dtype):
+    require_ext(device)
+    args = make(*shape, device=device, mask_dtype=mask_dtype)
+    got = ops.wti_similarity(*args, backend="ext")
+    want = ops.wti_similarity(*args, backend="torch")
+    assert got.dtype == torch.float32 and got.shape == shape[:2]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _grads(args, backend, gout):
+    t, mt, wt, v, mv, wv = [a.detach().clone() for a in args]
+    for x in (t, wt, v, wv):
+        x.requires_grad_(True)
+    s = ops.wti_similarity(t, mt, wt, v, mv, wv, backend=backend)
+    s.backward(gout)
+    return s.detach(), t.grad, wt.grad, v.grad, wv.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_torch_path(device, shape):
+    require_ext(device)
+    args = make(*shape, device=device)
+    gout = torch.randn(shape[:2], device=device)
+    got = _grads(args, "ext", gout)
+    want = _grads(args, "torch", gout)
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (3, 2, 5, 2, 8), (1, 4, 1, 3, 6)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(device, shape, backend):
+    _backend_ok(backend, device)
+    t, mt, wt, v, mv, wv = make(*shape, dtype=torch.float64, device=device, seed=sum(shape))
+    for x in (t, wt, v, wv):
+        x.requires_grad_(True)
+
+    def fn(t, wt, v, wv):
+        return ops.wti_similarity(t, mt, wt, v, mv, wv, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (t, wt, v, wv), eps=1e-6, atol=1e-7)
+
+
+def test_float64_ext_matches_torch(device):
+    require_ext(device)
+    args = make(6, 5, 11, 7, 19, dtype=torch.float64, device=device)
+    gout = torch.randn(6, 5, dtype=torch.float64, device=device)
+    got, want = _grads(args, "ext", gout), _grads(args, "torch", gout)
+    assert got[0].dtype == torch.float64
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 9, 32, 12, 512), (5, 4, 77, 3, 40)])
+def test_low_precision_flash_attention_rule(device, dtype, shape):
+    """ext error vs an fp32 reference <= 2x the torch path's own error in that dtype + eps."""
+    require_ext(device)
+    args = make(*shape, dtype=dtype, device=device)
+    up = [a.float() if a.is_floating_point() else a for a in args]
+    gout = torch.randn(shape[:2], device=device)
+    ref = _grads(up, "torch", gout)
+    ext = _grads(args, "ext", gout)
+    pt = _grads(args, "torch", gout)
+    assert ext[0].dtype == torch.float32
+    for name, e, p, r in zip(["s", "t", "t_weight", "v", "v_weight"], ext, pt, ref):
+        assert e.dtype == p.dtype, name
+        err_ext = (e.float() - r.float()).abs().max().item()
+        err_pt = (p.float() - r.float()).abs().max().item()
+        assert err_ext <= 2 * err_pt + 1e-5, f"{name}: ext {err_ext} vs torch-in-{dtype} {err_pt}"
+
+
+def test_masked_tokens_get_zero_gradient(device):
+    require_ext(device)
+    args = make(6, 5, 8, 6, 16, device=device)
+    _, gt, gwt, gv, gwv = _grads(args, "ext", torch.randn(6, 5, device=device))
+    mt, mv = args[1].bool(), args[4].bool()
+    assert (gt[~mt] == 0).all() and (gv[~mv] == 0).all()
+    assert gt[mt].abs().sum() > 0 and gv[mv].abs().sum() > 0
+
+
+def test_masked_entry_can_be_the_max():
+    """A masked frame contributes 0 to the max (reference semantics): with every real
+    similarity negative, max_f is 0 and comes from the masked frame."""
+    t = torch.tensor([[[1.0, 0.0]]])
+    v = torch.tensor([[[-1.0, 0.0], [0.0, 1.0]]])  # <t, v0> = -1, <t, v1> = 0 (masked anyway)
+    mt, wt = torch.ones(1, 1), torch.ones(1, 1)
+    mv, wv = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    for backend in ["torch"] + (["ext"] if ops._backend.ext_supports(torch.device("cpu"))[0] else []):
+        s = ops.wti_similarity(t, mt, wt, v, mv, wv, backend=backend)
+        # t2v = max(-1, 0) = 0; v2t = 1 * (-1) + 0 * 0 = -1
+        assert s.item() == pytest.approx(-0.5), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lowest_index(backend):
+    _backend_ok(backend, "cpu")
+    t = torch.tensor([[[0.6, 0.8]]], requires_grad=True)
+    v = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], requires_grad=True)  # two identical frames
+    ones = torch.ones(1, 1)
+    s = ops.wti_similarity(t, ones, ones, v, torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), backend=backend)
+    s.backward()
+    # the row max over the tied frames routes to frame 0; frame 1 has weight 0
+    torch.testing.assert_close(v.grad[0, 1], torch.zeros(2))
+    torch.testing.assert_close(v.grad[0, 0], torch.tensor([0.6, 0.8]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(device, backend):
+    _backend_ok(backend, device)
+    if backend == "torch":
+        pytest.skip("the reference's max over an empty batch dimension is not defined")
+    for bt, bv in [(0, 3), (2, 0), (0, 0)]:
+        args = make(max(bt, 1), max(bv, 1), 4, 3, 8, device=device)
+        t, mt, wt, v, mv, wv = args
+        t, mt, wt, v, mv, wv = t[:bt], mt[:bt], wt[:bt], v[:bv], mv[:bv], wv[:bv]
+        for x in (t, wt, v, wv):
+            x.requires_grad_(True)
+        s = ops.wti_similarity(t, mt, wt, v, mv, wv, backend=backend)
+        assert s.shape == (bt, bv)
+        s.sum().backward()
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+        assert v.grad.shape == v.shape and (v.grad == 0).all()
+
+
+def test_non_contiguous_inputs(device):
+    require_ext(device)
+    t, mt, wt, v, mv, wv = make(5, 6, 7, 4, 10, device=device)
+    tn = t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    vn = v.transpose(0, 1).contiguous().transpose(0, 1)
+    wtn = wt.t().contiguous().t()
+    assert not tn.is_contiguous() and not vn.is_contiguous() and not wtn.is_contiguous()
+    gout = torch.randn(5, 6, device=device)
+    got = _grads((tn, mt, wtn, vn, mv, wv), "ext", gout)
+    want = _grads((t, mt, wt, v, mv, wv), "torch", gout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_not_modified(device):
+    require_ext(device)
+    args = make(4, 3, 5, 6, 7, device=device)
+    before = [a.clone() for a in args]
+    _grads(args, "ext", torch.randn(4, 3, device=device))
+    for a, b in zip(args, before):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_refused():
+    require_ext("cpu")
+    t, mt, wt, v, mv, wv = make(2, 3, 4, 5, 6)
+    t.requires_grad_(True)
+    s = ops.wti_similarity(t, mt, wt, v, mv, wv, backend="ext")
+    (g,) = torch.autograd.grad(s.sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
+
+
+def test_wti_block_roles():
+    t, mt, wt, v, mv, wv = make(5, 4, 6, 3, 8)
+    full = ops.wti_similarity(t, mt, wt, v, mv, wv)
+    torch.testing.assert_close(ops.wti_block((t[1:4], mt[1:4], wt[1:4]), (v[2:], mv[2:], wv[2:])), full[1:4, 2:])
+    torch.testing.assert_close(ops.wti_block((v, mv, wv), (t, mt, wt), q_role="video"), full.t())
+    with pytest.raises(ValueError, match="q_role"):
+        ops.wti_block((t, mt, wt), (v, mv, wv), q_role="audio")
+
+
+# -- errors: same message on every backend ----------------------------------------------
+
+def _bad_cases():
+    t, mt, wt, v, mv, wv = make(2, 3, 4, 5, 6)
+    return [
+        ("v has D=7 but t has D=6; t \\[Bt, L, D\\] and v \\[Bv, F, D\\] must share D",
+         (t, mt, wt, torch.randn(3, 5, 7), mv, wv)),
+        ("t_mask has shape \\[2, 5\\] but t has shape \\[2, 4, 6\\]; expected \\[2, 4\\]",
+         (t, torch.ones(2, 5), wt, v, mv, wv)),
+        ("v_mask has shape \\[3\\] but v has shape \\[3, 5, 6\\]; expected \\[3, 5\\]",
+         (t, mt, wt, v, torch.ones(3), wv)),
+        ("t_weight has shape \\[2, 3\\] but t_mask has shape \\[2, 4\\]; expected \\[2, 4\\]",
+         (t, mt, torch.ones(2, 3), v, mv, wv)),
+        ("v_weight has shape \\[5, 3\\] but v_mask has shape \\[3, 5\\]; expected \\[3, 5\\]",
+         (t, mt, wt, v, mv, wv.t())),
+        ("t must have shape \\[Bt, L, D\\], got \\[2, 4\\]", (t[:, :, 0], mt, wt, v, mv, wv)),
+        ("v has dtype torch.float16 but t has dtype torch.float32", (t, mt, wt, v.half(), mv, wv)),
+        ("t has dtype torch.int64; expected torch.float32, torch.float16, torch.bfloat16 or torch.float64",
+         (t.long(), mt, wt, v.long(), mv, wv)),
+        ("t_weight has dtype torch.int64; expected a floating dtype", (t, mt, wt.long(), v, mv, wv)),
+        ("v must have at least one token \\(\\[Bv, F, D\\] with F >= 1\\), got \\[3, 0, 6\\]",
+         (t, mt, wt, v[:, :0], mv[:, :0], wv[:, :0])),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_name_the_argument(backend):
+    _backend_ok(backend, "cpu")
+    for pattern, args in _bad_cases():
+        with pytest.raises(RuntimeError, match="nbretr.wti_similarity: " + pattern):
+            ops.wti_similarity(*args, backend=backend)
+
+
+def test_kernel_checks_match_python_checks():
+    require_ext("cpu")
+    for pattern, args in _bad_cases():
+        with pytest.raises(RuntimeError, match="nbretr.wti_similarity: " + pattern):
+            torch.ops.nbretr.wti_similarity(*args)
+        with pytest.raises(RuntimeError, match="nbretr.wti_similarity: " + pattern):
+            torch.ops.nbretr.wti_similarity_backward(torch.zeros(2, 3), *args)
+    t, mt, wt, v, mv, wv = make(2, 3, 4, 5, 6)
+    with pytest.raises(RuntimeError, match="grad has shape \\[3, 2\\]; expected \\[Bt, Bv\\] = \\[2, 3\\]"):
+        torch.ops.nbretr.wti_similarity_backward(torch.zeros(3, 2), t, mt, wt, v, mv, wv)
+
+
+def test_device_mismatch_error():
+    t, mt, wt, v, mv, wv = make(2, 3, 4, 5, 6)
+    with pytest.raises(RuntimeError, match="nbretr.wti_similarity: v_mask is on meta but t is on cpu"):
+        ops.wti_similarity(t, mt, wt, v, mv.to("meta"), wv)
+
+
+# -- registration -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(device, dtype):
+    require_ext(device)
+    t, mt, wt, v, mv, wv = make(3, 4, 5, 3, 8, dtype=dtype, device=device)
+    for x in (t, wt, v, wv):
+        x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.nbretr.wti_similarity.default, (t, mt, wt, v, mv, wv))
+    g = torch.randn(3, 4, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(torch.ops.nbretr.wti_similarity_backward.default,
+                          (g, t.detach(), mt, wt.detach(), v.detach(), mv, wv.detach()))
+
+
+def test_fake_tensor_mode():
+    require_ext("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        t, v = torch.randn(3, 4, 8, dtype=torch.bfloat16), torch.randn(5, 2, 8, dtype=torch.bfloat16)
+        s = torch.ops.nbretr.wti_similarity(t, torch.ones(3, 4), torch.ones(3, 4), v, torch.ones(5, 2), torch.ones(5, 2))
+        assert s.shape == (3, 5) and s.dtype == torch.float32
+
+
+@pytest.mark.needs_cuda
+def test_non_default_stream():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    require_ext("cuda")
+    args = make(6, 7, 9, 5, 32, device="cuda")
+    want = ops.wti_similarity(*args, backend="torch")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got = ops.wti_similarity(*args, backend="ext")
+    s.synchronize()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
