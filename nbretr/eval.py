@@ -47,12 +47,16 @@ def encode_texts(model, tokenizer, captions: Sequence[str], max_words: int, devi
 
 
 @torch.no_grad()
-def encode_videos(model, dataset, item_indices: Sequence[int], device, batch: int = 64, num_workers: int = 0):
-    """Prepared video tokens for the items ``item_indices`` of ``dataset`` (one per video)."""
+def encode_videos(model, dataset, video_indices: Sequence[int] | None, device, batch: int = 64,
+                  num_workers: int = 0):
+    """Prepared video tokens (normalised tokens, mask, weights) of the videos
+    ``video_indices`` of ``dataset`` (all when None), each decoded once."""
     from nbretr.data import collate
     from tqdm import tqdm
-    sub = torch.utils.data.Subset(dataset, list(item_indices))
-    loader = torch.utils.data.DataLoader(sub, batch_size=batch, num_workers=num_workers, collate_fn=collate)
+    view = dataset.video_view()
+    if video_indices is not None:
+        view = torch.utils.data.Subset(view, list(video_indices))
+    loader = torch.utils.data.DataLoader(view, batch_size=batch, num_workers=num_workers, collate_fn=collate)
     vs, ms, ws = [], [], []
     for b in tqdm(loader, desc="encode videos", unit="batch", leave=False, disable=len(loader) < 2):
         v, m = model.encode_video(b["video"].to(device), b["video_mask"].to(device))
@@ -72,14 +76,6 @@ def wti_score_fn(q, g, *, q_is_text: bool):
             return ops.wti_similarity(*a, *b)
         return ops.wti_similarity(*b, *a).t()
     return fn
-
-
-def first_item_per_video(dataset) -> list[int]:
-    c2v = torch.as_tensor(dataset.caption_to_video)
-    first = {}
-    for i, v in enumerate(c2v.tolist()):
-        first.setdefault(v, i)
-    return [first[v] for v in range(dataset.num_videos)]
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -139,7 +135,7 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     model.eval()
     tok = test_ds.tokenizer
     texts = encode_texts(model, tok, test_ds.captions, cfg.max_words, device)
-    vids = encode_videos(model, test_ds, first_item_per_video(test_ds), device, num_workers=cfg.num_workers)
+    vids = encode_videos(model, test_ds, None, device, num_workers=cfg.num_workers)
     c2v = torch.as_tensor(test_ds.caption_to_video).tolist()
     n_t, n_v = len(c2v), test_ds.num_videos
     k_t2v, k_v2t = min(k, n_v), min(k, n_t)
@@ -178,11 +174,10 @@ def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targ
     g = torch.Generator().manual_seed(0)
     n_cap = len(bank_ds.captions)
     cap_idx = torch.randperm(n_cap, generator=g)[:bank_size].tolist()
-    bank_texts = encode_texts(model, bank_ds.tokenizer or texts, [bank_ds.captions[i] for i in cap_idx],
+    bank_texts = encode_texts(model, bank_ds.tokenizer, [bank_ds.captions[i] for i in cap_idx],
                               cfg.max_words, device)
-    vid_items = first_item_per_video(bank_ds)
-    vid_sel = torch.randperm(len(vid_items), generator=g)[:bank_size].tolist()
-    bank_vids = encode_videos(model, bank_ds, [vid_items[i] for i in vid_sel], device, num_workers=cfg.num_workers)
+    vid_sel = torch.randperm(bank_ds.num_videos, generator=g)[:bank_size].tolist()
+    bank_vids = encode_videos(model, bank_ds, vid_sel, device, num_workers=cfg.num_workers)
     n_t, n_v = len(texts[0]), len(vids[0])
     out: dict[str, Any] = {}
     for direction, q, gal, bank_q, bank_g, q_is_text, targets, k, fn in (
@@ -275,10 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(dist_.rank)
     try:
         splits = ("train", "test") if corr else ("test",)
-        data = build_datasets(cfg, splits)
-        tok = build_tokenizer(cfg, run_dir, list(data["train"].captions) if "train" in data else None)
-        for ds in data.values():
-            ds.tokenizer = tok
+        tok = build_tokenizer(cfg, run_dir)
+        data = build_datasets(cfg, tok, splits)
         model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
         model.load_state_dict(state["model"])
         metrics = evaluate(model, data["test"], cfg, dist_, k=args.k or cfg.eval_k, out_dir=out_dir,

@@ -33,29 +33,12 @@ log = logging.getLogger("nbretr")
 
 # -- building blocks (shared with nbretr.eval) ---------------------------------------------
 
-def data_root(cfg: TrainConfig) -> Path:
+def data_root(cfg: TrainConfig) -> Path | None:
     if cfg.data_root:
         return Path(cfg.data_root)
     if cfg.dataset == "synthetic":
-        return Path(os.environ.get("NBRETR_DATA", "data")) / "synthetic"
+        return None  # data/synthetic or $NBRETR_DATA/synthetic, built on first use
     raise ValueError(f"--data-root is required for --dataset {cfg.dataset}")
-
-
-def build_tokenizer(cfg: TrainConfig, run_dir: Path | None, train_captions: list[str] | None):
-    """The tokenizer of the chosen CLIP checkpoint, or (tiny model) a word tokenizer built
-    from the training captions and saved in the run folder."""
-    from nbretr.data import tokenizers
-    if cfg.clip != "tiny":
-        return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
-    saved = run_dir / "tokenizer.json" if run_dir else None
-    if saved is not None and saved.exists():
-        return tokenizers.WordTokenizer.load(saved)
-    if train_captions is None:
-        raise FileNotFoundError(f"no tokenizer.json in {run_dir} and no captions to build one from")
-    tok = tokenizers.WordTokenizer.from_captions(train_captions)
-    if saved is not None:
-        tok.save(saved)
-    return tok
 
 
 def image_size(cfg: TrainConfig) -> int:
@@ -67,18 +50,42 @@ def image_size(cfg: TrainConfig) -> int:
     return 224
 
 
-def build_datasets(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
-    from nbretr.data import build_dataset, synthetic
-    root = data_root(cfg)
+def _dataset(cfg: TrainConfig, split: str, tokenizer):
+    from nbretr.data import build_dataset
+    kw: dict[str, Any] = {}
     if cfg.dataset == "synthetic":
-        root = synthetic.build(root, size=cfg.synthetic_size, seed=0)
-    out = {}
-    for split in splits:
-        kw = {"train_split": cfg.train_split} if (cfg.train_split and split == "train") else {}
-        out[split] = build_dataset(cfg.dataset, root, split, None, max_words=cfg.max_words,
-                                   max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
-                                   image_size=image_size(cfg), strict=cfg.strict_data, **kw)
-    return out
+        kw["size"] = cfg.synthetic_size
+    if cfg.train_split and split == "train":
+        kw["train_list"] = cfg.train_split
+    return build_dataset(cfg.dataset, data_root(cfg), split, tokenizer, max_words=cfg.max_words,
+                         max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
+                         image_size=image_size(cfg), strict=cfg.strict_data, **kw)
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
+    """The tokenizer of the chosen CLIP checkpoint; for the tiny model a word tokenizer (the
+    embedded dataset's, or one built from the training captions), saved in the run folder
+    so that evaluation reads the same vocabulary."""
+    from nbretr.data import tokenizers
+    if cfg.clip != "tiny":
+        return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
+    saved = run_dir / "tokenizer.json" if run_dir else None
+    if saved is not None and saved.exists():
+        return tokenizers.WordTokenizer.load(saved)
+    if cfg.dataset == "synthetic":
+        from nbretr.data import synthetic
+        tok = synthetic.word_tokenizer()
+    else:
+        def blank(texts, n):
+            return torch.zeros(len(texts), n, dtype=torch.long), torch.zeros(len(texts), n, dtype=torch.long)
+        tok = tokenizers.WordTokenizer.from_captions(_dataset(cfg, "train", blank).captions)
+    if saved is not None:
+        tok.save(saved)
+    return tok
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
+    return {split: _dataset(cfg, split, tokenizer) for split in splits}
 
 
 def build_model(cfg: TrainConfig, vocab_size: int | None):
@@ -120,11 +127,9 @@ class Trainer:
         self.cfg, self.dist, self.run_dir = cfg, dist_, run_dir
         self.device = dist_.device
         torch.manual_seed(cfg.seed)
-        datasets = build_datasets(cfg, ("train", "test") if cfg.do_eval else ("train",))
+        self.tokenizer = build_tokenizer(cfg, run_dir if dist_.is_main else None)
+        datasets = build_datasets(cfg, self.tokenizer, ("train", "test") if cfg.do_eval else ("train",))
         self.train_ds, self.test_ds = datasets["train"], datasets.get("test")
-        self.tokenizer = build_tokenizer(cfg, run_dir, list(self.train_ds.captions))
-        for ds in datasets.values():
-            ds.tokenizer = self.tokenizer
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, getattr(self.tokenizer, "vocab_size", None)).to(self.device)
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -263,7 +268,7 @@ class Trainer:
         self.model.clamp_logit_scale()
         if self.bank is not None:  # after backward: the loss read the bank's buffers in place
             self.bank.push(out["bank_items"])
-        return {k: float(v) for k, v in out.items() if k in ("loss", "wti", "nbi", "opt", "kl", "infonce")}
+        return {k: float(v.detach()) for k, v in out.items() if k in ("loss", "wti", "nbi", "opt", "kl", "infonce")}
 
     def log_step(self, parts, pbar, jsonl, items_per_step, t_start) -> None:
         elapsed = time.time() - t_start
@@ -281,9 +286,8 @@ class Trainer:
             self.writer.add_scalar("train/lr", self.sched.get_last_lr()[0], self.global_step)
 
     def report_bad_data(self) -> None:
-        summary = getattr(self.train_ds, "bad_summary", lambda: {})()
-        if summary and any(summary.values()):
-            log.warning("epoch %d: skipped bad data: %s", self.epoch, summary)
+        from nbretr.data import log_bad_summary
+        log_bad_summary(self.train_ds, epoch=self.epoch, reset=True)
 
 
 def main(argv: list[str] | None = None) -> int:
