@@ -9,4 +9,10 @@ TORCH_LIBRARY(nbretr, m) {
   // ring buffer in place, ending at slot `head` (see csrc/common/ring.h). The new head and
   // fill level are computed by the caller (nbretr.ops.ring_push).
   m.def("ring_push(Tensor(a!)[] buffers, Tensor[] items, int head) -> ()");
+  // KERNELS.md 2, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
+  // top-k (descending; ties: lower gallery index first); adds the k-occurrences into
+  // counts [G] int64 and the similarity sums into sums [G] fp64 in place. exclude_self:
+  // query row r is gallery item r + q_offset and is never a candidate (nor summed).
+  m.def("topk_centrality_dot(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
+        "Tensor(a!) counts, Tensor(b!) sums) -> (Tensor, Tensor)");
 }

@@ -6,6 +6,7 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
+from nbretr.ops.topk import TOPK_MAX_K, topk_centrality
 
 __all__ = [
     "Backend",
@@ -13,4 +14,6 @@ __all__ = [
     "use_backend",
     "ring_push",
     "ring_view",
+    "topk_centrality",
+    "TOPK_MAX_K",
 ]

@@ -2,5 +2,7 @@
 oracle for tests and the baseline for bench/. Same signatures and semantics as the
 public functions in :mod:`nbretr.ops`."""
 from nbretr.ops.reference.ring import ring_push, ring_view, cat_slice_push
+from nbretr.ops.reference.topk import dot_tile_fn, select_topk, topk_centrality_dot, topk_centrality_tiled
 
-__all__ = ["ring_push", "ring_view", "cat_slice_push"]
+__all__ = ["ring_push", "ring_view", "cat_slice_push", "dot_tile_fn", "select_topk", "topk_centrality_dot",
+           "topk_centrality_tiled"]

@@ -1,0 +1,153 @@
+// topk_centrality on the CPU, independent of how a similarity tile is computed.
+//
+// The driver streams query chunks x gallery tiles. A tile function fills an fp32 tile
+// [qn, gn] (row-major, row stride gn) with the similarities of queries q0..q0+qn-1 to
+// gallery items g0..g0+gn-1; sim="dot" passes a matrix product (csrc/cpu/topk_centrality.cpp),
+// sim="wti" can pass its token-wise similarity. The driver then merges the tile into each
+// row's running top-k (csrc/common/topk.h, shared with CUDA), adds the column sums in
+// fp64, and after the last tile of a chunk counts the chunk's final top-k indices.
+//
+// Determinism: sums are accumulated per fixed block of kRowBlock rows (rows in order),
+// then the blocks are reduced in order, so the result does not depend on the thread count.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/topk.h"
+
+namespace nbretr {
+
+struct TopkCpuTiling {
+  int64_t q_chunk = 1024;  // query rows per chunk (running lists for these rows stay live)
+  int64_t g_tile = 2048;   // gallery columns per tile
+};
+
+namespace detail {
+
+constexpr int64_t kRowBlock = 32;  // rows per deterministic partial-sum block
+
+// Merges one tile row (gn similarities of gallery items g0..) into the running list
+// (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
+// the list (tiles arrive in gallery order), so once the list is full a candidate enters
+// iff its value is strictly greater than the k-th value: one compare per element.
+inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
+                           int64_t* idx, int* n, int k, std::vector<float>& cv, std::vector<int64_t>& ci,
+                           std::vector<int>& order, std::vector<float>& mv, std::vector<int64_t>& mi) {
+  int len = *n;
+  int64_t nc = 0;
+  if (len < k) {
+    for (int64_t j = 0; j < gn; ++j) {
+      if (j == self_col) continue;
+      cv[nc] = row[j];
+      ci[nc] = g0 + j;
+      ++nc;
+    }
+  } else {
+    const float thr = vals[k - 1];
+    for (int64_t j = 0; j < gn; ++j) {
+      if (row[j] > thr && j != self_col) {
+        cv[nc] = row[j];
+        ci[nc] = g0 + j;
+        ++nc;
+      }
+    }
+  }
+  if (nc == 0) return;
+  if (nc <= 8) {  // a few late arrivals: insertion
+    for (int64_t c = 0; c < nc; ++c) len = topk_insert(vals, idx, len, k, cv[c], ci[c]);
+    *n = len;
+    return;
+  }
+  // many candidates (first tiles): select the best min(nc, k) of them, sort, merge
+  const int64_t m = std::min<int64_t>(nc, k);
+  order.resize(nc);
+  for (int64_t c = 0; c < nc; ++c) order[c] = static_cast<int>(c);
+  auto cmp = [&](int a, int b) { return topk_better(cv[a], ci[a], cv[b], ci[b]); };
+  if (m < nc) std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), cmp);
+  std::sort(order.begin(), order.begin() + m, cmp);
+  for (int64_t c = 0; c < m; ++c) {
+    mv[c] = cv[order[c]];
+    mi[c] = ci[order[c]];
+  }
+  // merge (list, mv/mi) into cv/ci (free now), copy back
+  const int out = topk_merge(vals, idx, len, mv.data(), mi.data(), static_cast<int>(m), cv.data(), ci.data(), k);
+  std::memcpy(vals, cv.data(), sizeof(float) * out);
+  std::memcpy(idx, ci.data(), sizeof(int64_t) * out);
+  *n = out;
+}
+
+}  // namespace detail
+
+// values [Q, k] fp32 and indices [Q, k] int64 (written), counts [G] int64 and sums [G] fp64
+// (accumulated into). Arguments already checked (k <= number of candidates per row).
+// tile_fn(q0, qn, g0, gn, out) writes the fp32 tile into `out` ([qn, gn], contiguous).
+template <class TileFn>
+void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self, int64_t q_offset,
+                             TileFn&& tile_fn, at::Tensor& values, at::Tensor& indices, at::Tensor& counts,
+                             at::Tensor& sums, TopkCpuTiling tiling = {}) {
+  if (Q == 0) return;
+  const int64_t qc = std::max<int64_t>(1, std::min(tiling.q_chunk, Q));
+  const int64_t gt = std::max<int64_t>(1, std::min(tiling.g_tile, G));
+  const int kk = static_cast<int>(k);
+  auto fopts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor tile_buf = at::empty({qc * gt}, fopts);
+  const int64_t max_blocks = (qc + detail::kRowBlock - 1) / detail::kRowBlock;
+  at::Tensor partial = at::empty({max_blocks, gt}, at::TensorOptions().dtype(at::kDouble));
+  std::vector<int> lens(qc);
+  float* vals_all = values.data_ptr<float>();
+  int64_t* idx_all = indices.data_ptr<int64_t>();
+  int64_t* counts_p = counts.data_ptr<int64_t>();
+  double* sums_p = sums.data_ptr<double>();
+  double* partial_p = partial.data_ptr<double>();
+
+  for (int64_t q0 = 0; q0 < Q; q0 += qc) {
+    const int64_t qn = std::min(qc, Q - q0);
+    const int64_t nblk = (qn + detail::kRowBlock - 1) / detail::kRowBlock;
+    std::fill(lens.begin(), lens.end(), 0);
+    for (int64_t g0 = 0; g0 < G; g0 += gt) {
+      const int64_t gn = std::min(gt, G - g0);
+      at::Tensor tile = tile_buf.narrow(0, 0, qn * gn).view({qn, gn});
+      tile_fn(q0, qn, g0, gn, tile);
+      const float* tp = tile.const_data_ptr<float>();
+      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        // cv/ci hold a tile row's candidates, then the merged list (up to k)
+        std::vector<float> cv(std::max<int64_t>(gn, kk)), mv(kk);
+        std::vector<int64_t> ci(std::max<int64_t>(gn, kk)), mi(kk);
+        std::vector<int> order;
+        for (int64_t b = b0; b < b1; ++b) {
+          double* part = partial_p + b * gn;
+          std::fill(part, part + gn, 0.0);
+          const int64_t r_end = std::min(qn, (b + 1) * detail::kRowBlock);
+          for (int64_t r = b * detail::kRowBlock; r < r_end; ++r) {
+            const float* row = tp + r * gn;
+            const int64_t grow = q0 + r;  // query row within this call
+            const int64_t self_col = exclude_self ? grow + q_offset - g0 : -1;
+            const bool has_self = self_col >= 0 && self_col < gn;
+            const int64_t skip = has_self ? self_col : gn;  // the own item adds nothing
+            for (int64_t j = 0; j < skip; ++j) part[j] += static_cast<double>(row[j]);
+            for (int64_t j = skip + 1; j < gn; ++j) part[j] += static_cast<double>(row[j]);
+            detail::merge_tile_row(row, gn, g0, has_self ? self_col : -1, vals_all + grow * k, idx_all + grow * k,
+                                   &lens[r], kk, cv, ci, order, mv, mi);
+          }
+        }
+      });
+      // reduce the blocks in order (fixed partition: deterministic)
+      at::parallel_for(0, gn, 256, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          double s = 0.0;
+          for (int64_t b = 0; b < nblk; ++b) s += partial_p[b * gn + j];
+          sums_p[g0 + j] += s;
+        }
+      });
+    }
+    const int64_t* ip = idx_all + q0 * k;
+    for (int64_t e = 0; e < qn * k; ++e) counts_p[ip[e]] += 1;
+  }
+}
+
+}  // namespace nbretr
