@@ -31,54 +31,83 @@ namespace detail {
 
 constexpr int64_t kRowBlock = 32;  // rows per deterministic partial-sum block
 
+struct Cand {
+  float v;
+  int64_t i;
+};
+
+// Per-thread scratch for merge_tile_row.
+struct RowScratch {
+  std::vector<Cand> buf;   // candidates since the last flush (capacity cap)
+  std::vector<float> mv, ov;
+  std::vector<int64_t> mi, oi;
+  int cap = 0;
+  explicit RowScratch(int k) : cap(std::max(k, 16)) {
+    buf.reserve(cap);
+    mv.resize(k);
+    mi.resize(k);
+    ov.resize(k);
+    oi.resize(k);
+  }
+};
+
+// Sorts the buffered candidates, keeps the best min(n, k) and merges them into the list.
+inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, RowScratch& s) {
+  auto& buf = s.buf;
+  if (buf.empty()) return;
+  auto cmp = [](const Cand& a, const Cand& b) { return topk_better(a.v, a.i, b.v, b.i); };
+  const int m = static_cast<int>(std::min<size_t>(buf.size(), static_cast<size_t>(k)));
+  if (static_cast<size_t>(m) < buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), cmp);
+  std::sort(buf.begin(), buf.begin() + m, cmp);
+  for (int c = 0; c < m; ++c) {
+    s.mv[c] = buf[c].v;
+    s.mi[c] = buf[c].i;
+  }
+  const int out = topk_merge(vals, idx, *n, s.mv.data(), s.mi.data(), m, s.ov.data(), s.oi.data(), k);
+  std::memcpy(vals, s.ov.data(), sizeof(float) * out);
+  std::memcpy(idx, s.oi.data(), sizeof(int64_t) * out);
+  *n = out;
+  buf.clear();
+}
+
 // Merges one tile row (gn similarities of gallery items g0..) into the running list
 // (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
-// the list (tiles arrive in gallery order), so once the list is full a candidate enters
-// iff its value is strictly greater than the k-th value: one compare per element.
+// the list (tiles arrive in gallery order), so once the list is full a candidate can
+// enter iff its value is strictly greater than the k-th value: one compare per element.
+// Candidates passing it are buffered and merged max(k, 16) at a time (sort + merge),
+// which raises the threshold; a full row costs O(gn + k log k · log(gn / k)).
 inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
-                           int64_t* idx, int* n, int k, std::vector<float>& cv, std::vector<int64_t>& ci,
-                           std::vector<int>& order, std::vector<float>& mv, std::vector<int64_t>& mi) {
-  int len = *n;
-  int64_t nc = 0;
-  if (len < k) {
-    for (int64_t j = 0; j < gn; ++j) {
-      if (j == self_col) continue;
-      cv[nc] = row[j];
-      ci[nc] = g0 + j;
-      ++nc;
-    }
-  } else {
-    const float thr = vals[k - 1];
-    for (int64_t j = 0; j < gn; ++j) {
-      if (row[j] > thr && j != self_col) {
-        cv[nc] = row[j];
-        ci[nc] = g0 + j;
-        ++nc;
+                           int64_t* idx, int* n, int k, RowScratch& s) {
+  auto& buf = s.buf;
+  const size_t cap = static_cast<size_t>(s.cap);
+  int64_t j = 0;
+  for (; *n < k && j < gn; ++j) {  // not full yet: every candidate qualifies
+    if (j == self_col) continue;
+    buf.push_back({row[j], g0 + j});
+    if (buf.size() == cap) flush_candidates(vals, idx, n, k, s);
+  }
+  if (*n == k) {  // full (and buf empty): filter by the k-th value
+    float thr = vals[k - 1];
+    auto consider = [&](int64_t jj) {
+      if (row[jj] > thr && jj != self_col) {
+        buf.push_back({row[jj], g0 + jj});
+        if (buf.size() == cap) {
+          flush_candidates(vals, idx, n, k, s);
+          thr = vals[k - 1];
+        }
+      }
+    };
+    constexpr int64_t kScan = 16;  // branch-free (vectorisable) test of 16 values at a time
+    for (; j + kScan <= gn; j += kScan) {
+      int hit = 0;
+      for (int64_t t = 0; t < kScan; ++t) hit |= row[j + t] > thr;
+      if (hit) {
+        for (int64_t t = 0; t < kScan; ++t) consider(j + t);
       }
     }
+    for (; j < gn; ++j) consider(j);
   }
-  if (nc == 0) return;
-  if (nc <= 8) {  // a few late arrivals: insertion
-    for (int64_t c = 0; c < nc; ++c) len = topk_insert(vals, idx, len, k, cv[c], ci[c]);
-    *n = len;
-    return;
-  }
-  // many candidates (first tiles): select the best min(nc, k) of them, sort, merge
-  const int64_t m = std::min<int64_t>(nc, k);
-  order.resize(nc);
-  for (int64_t c = 0; c < nc; ++c) order[c] = static_cast<int>(c);
-  auto cmp = [&](int a, int b) { return topk_better(cv[a], ci[a], cv[b], ci[b]); };
-  if (m < nc) std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), cmp);
-  std::sort(order.begin(), order.begin() + m, cmp);
-  for (int64_t c = 0; c < m; ++c) {
-    mv[c] = cv[order[c]];
-    mi[c] = ci[order[c]];
-  }
-  // merge (list, mv/mi) into cv/ci (free now), copy back
-  const int out = topk_merge(vals, idx, len, mv.data(), mi.data(), static_cast<int>(m), cv.data(), ci.data(), k);
-  std::memcpy(vals, cv.data(), sizeof(float) * out);
-  std::memcpy(idx, ci.data(), sizeof(int64_t) * out);
-  *n = out;
+  flush_candidates(vals, idx, n, k, s);
 }
 
 }  // namespace detail
@@ -115,10 +144,7 @@ void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self,
       tile_fn(q0, qn, g0, gn, tile);
       const float* tp = tile.const_data_ptr<float>();
       at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-        // cv/ci hold a tile row's candidates, then the merged list (up to k)
-        std::vector<float> cv(std::max<int64_t>(gn, kk)), mv(kk);
-        std::vector<int64_t> ci(std::max<int64_t>(gn, kk)), mi(kk);
-        std::vector<int> order;
+        detail::RowScratch scratch(kk);
         for (int64_t b = b0; b < b1; ++b) {
           double* part = partial_p + b * gn;
           std::fill(part, part + gn, 0.0);
@@ -132,7 +158,7 @@ void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self,
             for (int64_t j = 0; j < skip; ++j) part[j] += static_cast<double>(row[j]);
             for (int64_t j = skip + 1; j < gn; ++j) part[j] += static_cast<double>(row[j]);
             detail::merge_tile_row(row, gn, g0, has_self ? self_col : -1, vals_all + grow * k, idx_all + grow * k,
-                                   &lens[r], kk, cv, ci, order, mv, mi);
+                                   &lens[r], kk, scratch);
           }
         }
       });

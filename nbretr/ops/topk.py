@@ -2,6 +2,7 @@
 (KERNELS.md section 2)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,13 +53,15 @@ def check_topk_common(Q: int, G: int, k: int, exclude_self: bool, q_offset: int,
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    # one pass: min and max are finite iff every element is (as csrc/common/topk_checks.h)
+    if x.numel() and not all(math.isfinite(float(m)) for m in torch.aminmax(x)):
         _fail(f"{name} contains NaN or Inf values; topk_centrality needs finite inputs")
 
 
 def check_topk_dot_args(q: Any, g: Any, k: int, exclude_self: bool, q_offset: int, counts: torch.Tensor,
-                        sums: torch.Tensor) -> None:
-    """csrc/common/topk_checks.h ``check_topk_dot_args``, same messages."""
+                        sums: torch.Tensor, finite: bool = True) -> None:
+    """csrc/common/topk_checks.h ``check_topk_dot_args``, same messages (``finite=False``
+    leaves the NaN/Inf scan to the kernel, which does it in the same order)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         _fail(f"q must be a 2-D tensor [Q, D], got {'shape ' + _shape(q) if isinstance(q, torch.Tensor) else type(q).__name__}")
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
@@ -72,8 +75,9 @@ def check_topk_dot_args(q: Any, g: Any, k: int, exclude_self: bool, q_offset: in
     if g.device != q.device:
         _fail(f"g is on {g.device} but q is on {q.device}; every tensor must be on one device")
     check_topk_common(q.shape[0], g.shape[0], k, exclude_self, q_offset, counts, sums, q.device)
-    _check_finite("q", q)
-    _check_finite("g", g)
+    if finite:
+        _check_finite("q", q)
+        _check_finite("g", g)
 
 
 def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: bool = False,
@@ -121,9 +125,10 @@ def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: b
     if sums is None:
         sums = torch.zeros(G, dtype=torch.float64, device=q.device)
     q, g = q.detach(), g.detach()
-    check_topk_dot_args(q, g, k, exclude_self, q_offset, counts, sums)
+    use_ext = _backend.resolve(_OP, backend, q.device) == "ext"
+    check_topk_dot_args(q, g, k, exclude_self, q_offset, counts, sums, finite=not use_ext)
     q_offset = int(q_offset) if exclude_self else 0
-    if _backend.resolve(_OP, backend, q.device) == "ext":
+    if use_ext:
         values, indices = torch.ops.nbretr.topk_centrality_dot(q, g, k, bool(exclude_self), q_offset, counts, sums)
     else:
         values, indices = _ref.topk_centrality_dot(q, g, k, exclude_self=bool(exclude_self), q_offset=q_offset,
