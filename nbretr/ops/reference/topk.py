@@ -8,6 +8,7 @@ Argument checks are done by the public wrapper (:mod:`nbretr.ops.topk`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -18,9 +19,10 @@ TileFn = Callable[[int, int, int, int], torch.Tensor]
 TILE_ELEMS = 1 << 24
 
 
-def _has_mm_out_dtype() -> bool:
+@functools.lru_cache(maxsize=None)
+def _has_mm_out_dtype(device: str) -> bool:
     try:
-        a = torch.zeros(1, 1, dtype=torch.bfloat16)
+        a = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
         torch.mm(a, a, out_dtype=torch.float32)
         return True
     except (TypeError, RuntimeError):
@@ -34,7 +36,7 @@ def dot_tile_fn(q: torch.Tensor, g: torch.Tensor) -> TileFn:
     if q.dtype == torch.float32:
         gf = g.contiguous()
         return lambda q0, q1, g0, g1: torch.mm(q[q0:q1], gf[g0:g1].T)
-    if q.is_cuda and _has_mm_out_dtype():
+    if q.is_cuda and _has_mm_out_dtype(str(q.device)):
         gc = g.contiguous()
         return lambda q0, q1, g0, g1: torch.mm(q[q0:q1], gc[g0:g1].T, out_dtype=torch.float32)
     gf = g.float().contiguous()
