@@ -14,13 +14,23 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
 #include "common/topk.h"
 
 namespace nbretr {
+
+// part[j] += row[j] in fp64 (an AVX2 clone is picked at load time where the CPU has it).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+inline void accumulate_row(const float* __restrict row, double* __restrict part, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) part[j] += static_cast<double>(row[j]);
+}
 
 struct TopkCpuTiling {
   int64_t q_chunk = 1024;  // query rows per chunk (running lists for these rows stay live)
@@ -31,18 +41,32 @@ namespace detail {
 
 constexpr int64_t kRowBlock = 32;  // rows per deterministic partial-sum block
 
-struct Cand {
-  float v;
-  int64_t i;
-};
+// A candidate of one tile row packed into one sortable word: larger key = better.
+// High half: the value's bits mapped to an order-preserving unsigned integer (-0.0 is
+// canonicalised to +0.0 first, as the two compare equal); low half: ~(tile column), so
+// equal values rank the lower column (= lower gallery index) first: topk_better's order.
+inline uint64_t pack_candidate(float v, int64_t col) {
+  v = v + 0.0f;  // -0.0 -> +0.0
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<uint64_t>(b) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(col));
+}
+
+inline void unpack_candidate(uint64_t key, int64_t g0, float* v, int64_t* i) {
+  uint32_t b = static_cast<uint32_t>(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7FFFFFFFu) : ~b;
+  std::memcpy(v, &b, sizeof b);
+  *i = g0 + static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+}
 
 // Per-thread scratch for merge_tile_row.
 struct RowScratch {
-  std::vector<Cand> buf;   // candidates since the last flush (capacity cap)
+  std::vector<uint64_t> buf;  // packed candidates since the last flush (capacity cap)
   std::vector<float> mv, ov;
   std::vector<int64_t> mi, oi;
   int cap = 0;
-  explicit RowScratch(int k) : cap(std::max(k, 16)) {
+  explicit RowScratch(int k) : cap(std::max(2 * k, 32)) {
     buf.reserve(cap);
     mv.resize(k);
     mi.resize(k);
@@ -51,18 +75,16 @@ struct RowScratch {
   }
 };
 
-// Sorts the buffered candidates, keeps the best min(n, k) and merges them into the list.
-inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, RowScratch& s) {
+// Sorts the buffered candidates (all from one tile row starting at gallery index g0),
+// keeps the best min(n, k) and merges them into the list.
+inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, int64_t g0, RowScratch& s) {
   auto& buf = s.buf;
   if (buf.empty()) return;
-  auto cmp = [](const Cand& a, const Cand& b) { return topk_better(a.v, a.i, b.v, b.i); };
+  const auto desc = std::greater<uint64_t>();
   const int m = static_cast<int>(std::min<size_t>(buf.size(), static_cast<size_t>(k)));
-  if (static_cast<size_t>(m) < buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), cmp);
-  std::sort(buf.begin(), buf.begin() + m, cmp);
-  for (int c = 0; c < m; ++c) {
-    s.mv[c] = buf[c].v;
-    s.mi[c] = buf[c].i;
-  }
+  if (static_cast<size_t>(m) < buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), desc);
+  std::sort(buf.begin(), buf.begin() + m, desc);
+  for (int c = 0; c < m; ++c) unpack_candidate(buf[c], g0, &s.mv[c], &s.mi[c]);
   const int out = topk_merge(vals, idx, *n, s.mv.data(), s.mi.data(), m, s.ov.data(), s.oi.data(), k);
   std::memcpy(vals, s.ov.data(), sizeof(float) * out);
   std::memcpy(idx, s.oi.data(), sizeof(int64_t) * out);
@@ -74,8 +96,8 @@ inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, RowScratc
 // (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
 // the list (tiles arrive in gallery order), so once the list is full a candidate can
 // enter iff its value is strictly greater than the k-th value: one compare per element.
-// Candidates passing it are buffered and merged max(k, 16) at a time (sort + merge),
-// which raises the threshold; a full row costs O(gn + k log k · log(gn / k)).
+// Candidates passing it are buffered and merged max(2k, 32) at a time (select + sort +
+// merge), which raises the threshold; a row costs O(gn + k log k · log(gn / k)).
 inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
                            int64_t* idx, int* n, int k, RowScratch& s) {
   auto& buf = s.buf;
@@ -83,16 +105,16 @@ inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t sel
   int64_t j = 0;
   for (; *n < k && j < gn; ++j) {  // not full yet: every candidate qualifies
     if (j == self_col) continue;
-    buf.push_back({row[j], g0 + j});
-    if (buf.size() == cap) flush_candidates(vals, idx, n, k, s);
+    buf.push_back(pack_candidate(row[j], j));
+    if (buf.size() == cap) flush_candidates(vals, idx, n, k, g0, s);
   }
   if (*n == k) {  // full (and buf empty): filter by the k-th value
     float thr = vals[k - 1];
     auto consider = [&](int64_t jj) {
       if (row[jj] > thr && jj != self_col) {
-        buf.push_back({row[jj], g0 + jj});
+        buf.push_back(pack_candidate(row[jj], jj));
         if (buf.size() == cap) {
-          flush_candidates(vals, idx, n, k, s);
+          flush_candidates(vals, idx, n, k, g0, s);
           thr = vals[k - 1];
         }
       }
@@ -107,7 +129,7 @@ inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t sel
     }
     for (; j < gn; ++j) consider(j);
   }
-  flush_candidates(vals, idx, n, k, s);
+  flush_candidates(vals, idx, n, k, g0, s);
 }
 
 }  // namespace detail
@@ -155,8 +177,8 @@ void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self,
             const int64_t self_col = exclude_self ? grow + q_offset - g0 : -1;
             const bool has_self = self_col >= 0 && self_col < gn;
             const int64_t skip = has_self ? self_col : gn;  // the own item adds nothing
-            for (int64_t j = 0; j < skip; ++j) part[j] += static_cast<double>(row[j]);
-            for (int64_t j = skip + 1; j < gn; ++j) part[j] += static_cast<double>(row[j]);
+            accumulate_row(row, part, skip);
+            if (skip < gn) accumulate_row(row + skip + 1, part + skip + 1, gn - skip - 1);
             detail::merge_tile_row(row, gn, g0, has_self ? self_col : -1, vals_all + grow * k, idx_all + grow * k,
                                    &lens[r], kk, scratch);
           }
