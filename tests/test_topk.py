@@ -291,3 +291,14 @@ def test_cuda_non_default_stream():
     stream.synchronize()
     ov, oi, oc, os_ = oracle(q, g, 30)
     assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signed_zeros_and_negative_values_tie(device, backend):
+    """-0.0 and +0.0 compare equal: lower index first (the CPU kernel sorts packed keys)."""
+    _ok(backend, device)
+    q = torch.tensor([[1.0], [-1.0]], device=device)
+    g = torch.tensor([[-0.0], [0.0], [-0.0], [-3.0], [2.0], [-3.0]], device=device)
+    v, i, _, _ = ops.topk_centrality(q, g, 6, backend=backend)
+    assert i.tolist() == [[4, 0, 1, 2, 3, 5], [3, 5, 0, 1, 2, 4]]
+    assert v.tolist() == [[2.0, 0.0, 0.0, 0.0, -3.0, -3.0], [3.0, 3.0, 0.0, 0.0, 0.0, -2.0]]
