@@ -37,7 +37,7 @@ inline int select_slots(int64_t k) {  // P
 __global__ void select_tile_kernel(const float* __restrict__ tile, int64_t qn, int64_t gn, int64_t g0,
                                    int64_t row0, bool exclude_self, int64_t q_offset, float* __restrict__ run_v,
                                    int64_t* __restrict__ run_i, int* __restrict__ run_n, int k, int P) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* si = reinterpret_cast<int64_t*>(smem_raw);          // 2P indices (8-byte aligned first)
   float* sv = reinterpret_cast<float*>(si + 2 * P);           // 2P values
   __shared__ int s_count;
