@@ -26,7 +26,7 @@ NBRETR_REQUIRE_EXT=1 timeout 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovi
   --junitxml="$OUT/cuda_tests.xml" > "$OUT/cuda_tests.log" 2>&1 || status=1
 tail -5 "$OUT/cuda_tests.log"
 
-OP_TESTS="tests/test_ring.py tests/test_sinkhorn.py tests/test_wti.py"
+OP_TESTS="tests/test_ring.py tests/test_sinkhorn.py tests/test_wti.py tests/test_topk.py"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
@@ -40,8 +40,16 @@ else
 fi
 
 step "benchmarks"
-for b in bench/memory_bank.py bench/sinkhorn.py bench/wti_similarity.py bench/data.py; do
-  timeout 150 $PY "$b" --out "$OUT" > "$OUT/$(basename "$b" .py).txt" 2>&1 || { status=1; echo "$b FAILED"; }
+# per script: "path|timeout seconds|extra arguments"
+for spec in "bench/memory_bank.py|150|" \
+            "bench/sinkhorn.py|120|" \
+            "bench/wti_similarity.py|120|" \
+            "bench/data.py|60|" \
+            "bench/topk_centrality.py|180|--sizes 50000,200000 --time-cap 100"; do
+  IFS='|' read -r b limit extra <<< "$spec"
+  # shellcheck disable=SC2086
+  timeout "$limit" $PY "$b" --out "$OUT" $extra > "$OUT/$(basename "$b" .py).txt" 2>&1 \
+    || { status=1; echo "$b FAILED"; }
 done
 
 step "summary"

@@ -31,4 +31,11 @@ TORCH_LIBRARY(nbretr, m) {
   // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
   m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
         "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // KERNELS.md 2, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
+  // top-k (descending; ties: lower gallery index first); adds the k-occurrences into
+  // counts [G] int64 and the similarity sums into sums [G] fp64 in place. exclude_self:
+  // query row r is gallery item r + q_offset and is never a candidate (nor summed).
+  m.def("topk_centrality_dot(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
+        "Tensor(a!) counts, Tensor(b!) sums) -> (Tensor, Tensor)");
 }

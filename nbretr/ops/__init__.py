@@ -6,9 +6,8 @@ Nothing here imports from models, losses, train or eval.
 """
 from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
-# TEMPORARY (model branch): stand-in until the topk branch lands.
-from nbretr.ops._pending import topk_centrality
 from nbretr.ops.sinkhorn import sinkhorn_log
+from nbretr.ops.topk import TOPK_MAX_K, topk_centrality
 from nbretr.ops.wti import wti_block, wti_similarity
 
 __all__ = [
@@ -18,7 +17,8 @@ __all__ = [
     "ring_push",
     "ring_view",
     "wti_similarity",
-    "topk_centrality",
-    "sinkhorn_log",
     "wti_block",
+    "topk_centrality",
+    "TOPK_MAX_K",
+    "sinkhorn_log",
 ]

@@ -1,0 +1,160 @@
+"""topk_centrality (sim="dot"): extension vs torch path vs faiss-cpu (IndexFlatIP search
+plus np.bincount counting), next to the bare chunked matrix product (the same tiles, no
+selection), so the overhead of selection and counting is visible. Q = G = N, D = 512,
+k = 10 and 100, fp32 and bf16.
+
+KERNELS.md targets: CPU no slower than the torch path or faiss, within 1.15x of the bare
+matrix product; GPU within 1.5x of the bare tiled product.
+
+  python bench/topk_centrality.py                 # CPU default: N = 10k, 20k
+  python bench/topk_centrality.py --sizes 50000   # one size
+  python bench/topk_centrality.py --device cuda   # GPU default: N = 50k, 200k
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _runner  # noqa: E402
+
+from nbretr import ops  # noqa: E402
+from nbretr.ops.reference import dot_tile_fn  # noqa: E402
+
+try:
+    import faiss  # noqa: E402
+except ImportError:  # pragma: no cover
+    faiss = None
+
+# the tiles of the kernels (csrc/cpu/topk_engine.h, csrc/cuda/topk_engine.cuh)
+TILES = {"cpu": (1024, 2048), "cuda": (2048, 32768)}
+
+
+def bare_mm(q, g, device):
+    """The chunked matrix product alone, same tiles and casts as the extension."""
+    qc, gt = TILES["cuda" if device.startswith("cuda") else "cpu"]
+    tile = dot_tile_fn(q, g)
+    Q, G = q.shape[0], g.shape[0]
+
+    def run():
+        for q0 in range(0, Q, qc):
+            for g0 in range(0, G, gt):
+                tile(q0, min(Q, q0 + qc), g0, min(G, g0 + gt))
+    return run
+
+
+def check(q, g, k, device, use_faiss):
+    """Correctness first: ext, torch and faiss agree (faiss way) on the first rows."""
+    sub = q[:256]
+    ref_v, ref_i, _, _ = ops.topk_centrality(sub, g, k, backend="torch")
+    outs = {}
+    if ops._backend.ext_supports(torch.device(device))[0]:
+        v, i, _, _ = ops.topk_centrality(sub, g, k, backend="ext")
+        outs["ext"] = (v, i)
+    if use_faiss:
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(g.float().cpu().numpy())
+        D, I = index.search(sub.float().cpu().numpy(), k)
+        outs["faiss"] = (torch.from_numpy(D), torch.from_numpy(I))
+    for name, (v, i) in outs.items():
+        v, i = v.to(ref_v.device), i.to(ref_v.device)
+        torch.testing.assert_close(v, ref_v, rtol=0, atol=1e-3, msg=f"{name} values")
+        assert all(len(set(r)) == len(r) for r in i.tolist()), name
+
+
+def main() -> int:
+    p = _runner.arg_parser(__doc__)
+    p.add_argument("--sizes", default=None, help="comma-separated N (Q = G = N)")
+    p.add_argument("--ks", default="10,100")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--time-cap", type=float, default=float("inf"),
+                   help="seconds; skip the remaining cases once the sweep has run this long")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch path (slow at large N)")
+    p.set_defaults(repeats=2)
+    args = p.parse_args()
+    dev = args.device
+    on_gpu = dev.startswith("cuda")
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    elif args.quick:
+        sizes = [2000]
+    else:
+        sizes = [50000, 200000] if on_gpu else [10000, 20000]
+    ks = [int(k) for k in args.ks.split(",")]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    has_ext = ops._backend.ext_supports(torch.device(dev))[0]
+    results: list[_runner.Result] = []
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    if faiss is not None and not on_gpu:
+        faiss.omp_set_num_threads(torch.get_num_threads())
+    skipped = []
+    for N in sizes:
+        base = torch.nn.functional.normalize(torch.randn(N, args.dim, device=dev), dim=1)
+        q32 = base
+        g32 = torch.nn.functional.normalize(base + 0.5 * torch.randn_like(base), dim=1)
+        for dtype in dtypes:
+            q, g = q32.to(dtype), g32.to(dtype)
+            dname = str(dtype).replace("torch.", "")
+            if time.perf_counter() - t_start > args.time_cap:
+                skipped.append(f"N={N} {dname}")
+                continue
+            params = dict(N=N, D=args.dim, dtype=dname)
+            results.append(_runner.run_case("topk", "bare mm", params, bare_mm(q, g, dev), dev, warmup=1,
+                                            repeats=args.repeats))
+            for k in ks:
+                if time.perf_counter() - t_start > args.time_cap:
+                    skipped.append(f"N={N} {dname} k={k}")
+                    continue
+                use_faiss = faiss is not None and not on_gpu
+                check(q, g, k, dev, use_faiss)
+                pk = dict(params, k=k)
+                # bare mm is k-independent: repeat its row per k for the table
+                bare = results[-1] if results[-1].impl == "bare mm" else next(
+                    r for r in reversed(results) if r.impl == "bare mm" and r.params == params)
+                results.append(_runner.Result("topk", "bare mm", pk, bare.ms, bare.peak_mb))
+                if has_ext:
+                    results.append(_runner.run_case(
+                        "topk", "ext", pk, lambda: ops.topk_centrality(q, g, k, backend="ext"), dev, warmup=1,
+                        repeats=args.repeats))
+                if not args.no_torch:
+                    results.append(_runner.run_case(
+                        "topk", "torch path", pk, lambda: ops.topk_centrality(q, g, k, backend="torch"), dev,
+                        warmup=1, repeats=args.repeats))
+                if use_faiss:
+                    import numpy as np
+                    gn = g.float().numpy()
+                    qn = q.float().numpy()
+
+                    def run_faiss():
+                        index = faiss.IndexFlatIP(args.dim)
+                        index.add(gn)
+                        _, I = index.search(qn, k)
+                        return np.bincount(I.ravel(), minlength=N)
+                    results.append(_runner.run_case("topk", "faiss IndexFlatIP", pk, run_faiss, dev, warmup=1,
+                                                    repeats=args.repeats,
+                                                    extra={"note": "fp32 copy for bf16; no sums"}))
+            del q, g
+    results = [r for r in results if "k" in r.params]
+    print(_runner.table(results, "bare mm", f"topk_centrality dot ({dev}); speedup = bare mm time / impl time"))
+    print("\nratio to the bare matrix product (target: CPU <= 1.15, GPU <= 1.5):")
+    for r in results:
+        if r.impl == "bare mm":
+            continue
+        bare = next(b for b in results if b.impl == "bare mm" and b.params == r.params)
+        print(f"  N={r.params['N']:>7} k={r.params['k']:>4} {r.params['dtype']:<9} {r.impl:<18} "
+              f"{r.ms / bare.ms:6.2f}x bare")
+    if skipped:
+        print(f"\nskipped by --time-cap {args.time_cap:g}s: {', '.join(skipped)}")
+    path = _runner.write_json(results, args.out, "topk_centrality")
+    if path:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    _runner.main_guard(main)

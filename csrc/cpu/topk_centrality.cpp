@@ -1,0 +1,40 @@
+// topk_centrality, sim="dot", CPU: every tile is one fp32 matrix product (at::mm_out, the
+// BLAS/oneDNN GEMM, multithreaded) of a query chunk and a gallery tile; selection, sums
+// and counts are csrc/cpu/topk_engine.h. fp16/bf16 inputs are cast to fp32 (the query
+// chunk per chunk, the gallery once: O(G*D) extra), so accumulation is fp32.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/topk_checks.h"
+#include "cpu/topk_engine.h"
+
+namespace nbretr {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cpu(const at::Tensor& q, const at::Tensor& g, int64_t k,
+                                                           bool exclude_self, int64_t q_offset, at::Tensor& counts,
+                                                           at::Tensor& sums) {
+  check_topk_dot_args(q, g, k, exclude_self, q_offset, counts, sums, c10::DeviceType::CPU);
+  const int64_t Q = q.size(0), G = g.size(0);
+  at::Tensor values = at::empty({Q, k}, q.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({Q, k}, q.options().dtype(at::kLong));
+  if (Q == 0) return {values, indices};
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor gf = g.to(at::kFloat).contiguous();
+  const bool cast_q = q.scalar_type() != at::kFloat;
+  auto tile_fn = [&](int64_t q0, int64_t qn, int64_t g0, int64_t gn, at::Tensor& out) {
+    at::Tensor qb = qc.narrow(0, q0, qn);
+    if (cast_q) qb = qb.to(at::kFloat);
+    at::mm_out(out, qb, gf.narrow(0, g0, gn).t());
+  };
+  topk_centrality_cpu_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts, sums);
+  return {values, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nbretr, CPU, m) { m.impl("topk_centrality_dot", &topk_centrality_dot_cpu); }
+
+}  // namespace nbretr

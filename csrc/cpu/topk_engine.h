@@ -1,0 +1,201 @@
+// topk_centrality on the CPU, independent of how a similarity tile is computed.
+//
+// The driver streams query chunks x gallery tiles. A tile function fills an fp32 tile
+// [qn, gn] (row-major, row stride gn) with the similarities of queries q0..q0+qn-1 to
+// gallery items g0..g0+gn-1; sim="dot" passes a matrix product (csrc/cpu/topk_centrality.cpp),
+// sim="wti" can pass its token-wise similarity. The driver then merges the tile into each
+// row's running top-k (csrc/common/topk.h, shared with CUDA), adds the column sums in
+// fp64, and after the last tile of a chunk counts the chunk's final top-k indices.
+//
+// Determinism: sums are accumulated per fixed block of kRowBlock rows (rows in order),
+// then the blocks are reduced in order, so the result does not depend on the thread count.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "common/topk.h"
+
+namespace nbretr {
+
+// part[j] += row[j] in fp64 (an AVX2 clone is picked at load time where the CPU has it).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+inline void accumulate_row(const float* __restrict row, double* __restrict part, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) part[j] += static_cast<double>(row[j]);
+}
+
+struct TopkCpuTiling {
+  int64_t q_chunk = 1024;  // query rows per chunk (running lists for these rows stay live)
+  int64_t g_tile = 2048;   // gallery columns per tile
+};
+
+namespace detail {
+
+constexpr int64_t kRowBlock = 32;  // rows per deterministic partial-sum block
+
+// A candidate of one tile row packed into one sortable word: larger key = better.
+// High half: the value's bits mapped to an order-preserving unsigned integer (-0.0 is
+// canonicalised to +0.0 first, as the two compare equal); low half: ~(tile column), so
+// equal values rank the lower column (= lower gallery index) first: topk_better's order.
+inline uint64_t pack_candidate(float v, int64_t col) {
+  v = v + 0.0f;  // -0.0 -> +0.0
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<uint64_t>(b) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(col));
+}
+
+inline void unpack_candidate(uint64_t key, int64_t g0, float* v, int64_t* i) {
+  uint32_t b = static_cast<uint32_t>(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7FFFFFFFu) : ~b;
+  std::memcpy(v, &b, sizeof b);
+  *i = g0 + static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+}
+
+// Per-thread scratch for merge_tile_row.
+struct RowScratch {
+  std::vector<uint64_t> buf;  // packed candidates since the last flush (capacity cap)
+  std::vector<float> mv, ov;
+  std::vector<int64_t> mi, oi;
+  int cap = 0;
+  explicit RowScratch(int k) : cap(std::max(2 * k, 32)) {
+    buf.reserve(cap);
+    mv.resize(k);
+    mi.resize(k);
+    ov.resize(k);
+    oi.resize(k);
+  }
+};
+
+// Sorts the buffered candidates (all from one tile row starting at gallery index g0),
+// keeps the best min(n, k) and merges them into the list.
+inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, int64_t g0, RowScratch& s) {
+  auto& buf = s.buf;
+  if (buf.empty()) return;
+  const auto desc = std::greater<uint64_t>();
+  const int m = static_cast<int>(std::min<size_t>(buf.size(), static_cast<size_t>(k)));
+  if (static_cast<size_t>(m) < buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), desc);
+  std::sort(buf.begin(), buf.begin() + m, desc);
+  for (int c = 0; c < m; ++c) unpack_candidate(buf[c], g0, &s.mv[c], &s.mi[c]);
+  const int out = topk_merge(vals, idx, *n, s.mv.data(), s.mi.data(), m, s.ov.data(), s.oi.data(), k);
+  std::memcpy(vals, s.ov.data(), sizeof(float) * out);
+  std::memcpy(idx, s.oi.data(), sizeof(int64_t) * out);
+  *n = out;
+  buf.clear();
+}
+
+// Merges one tile row (gn similarities of gallery items g0..) into the running list
+// (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
+// the list (tiles arrive in gallery order), so once the list is full a candidate can
+// enter iff its value is strictly greater than the k-th value: one compare per element.
+// Candidates passing it are buffered and merged max(2k, 32) at a time (select + sort +
+// merge), which raises the threshold; a row costs O(gn + k log k · log(gn / k)).
+inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
+                           int64_t* idx, int* n, int k, RowScratch& s) {
+  auto& buf = s.buf;
+  const size_t cap = static_cast<size_t>(s.cap);
+  int64_t j = 0;
+  for (; *n < k && j < gn; ++j) {  // not full yet: every candidate qualifies
+    if (j == self_col) continue;
+    buf.push_back(pack_candidate(row[j], j));
+    if (buf.size() == cap) flush_candidates(vals, idx, n, k, g0, s);
+  }
+  if (*n == k) {  // full (and buf empty): filter by the k-th value
+    float thr = vals[k - 1];
+    auto consider = [&](int64_t jj) {
+      if (row[jj] > thr && jj != self_col) {
+        buf.push_back(pack_candidate(row[jj], jj));
+        if (buf.size() == cap) {
+          flush_candidates(vals, idx, n, k, g0, s);
+          thr = vals[k - 1];
+        }
+      }
+    };
+    constexpr int64_t kScan = 16;  // branch-free (vectorisable) test of 16 values at a time
+    for (; j + kScan <= gn; j += kScan) {
+      int hit = 0;
+      for (int64_t t = 0; t < kScan; ++t) hit |= row[j + t] > thr;
+      if (hit) {
+        for (int64_t t = 0; t < kScan; ++t) consider(j + t);
+      }
+    }
+    for (; j < gn; ++j) consider(j);
+  }
+  flush_candidates(vals, idx, n, k, g0, s);
+}
+
+}  // namespace detail
+
+// values [Q, k] fp32 and indices [Q, k] int64 (written), counts [G] int64 and sums [G] fp64
+// (accumulated into). Arguments already checked (k <= number of candidates per row).
+// tile_fn(q0, qn, g0, gn, out) writes the fp32 tile into `out` ([qn, gn], contiguous).
+template <class TileFn>
+void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self, int64_t q_offset,
+                             TileFn&& tile_fn, at::Tensor& values, at::Tensor& indices, at::Tensor& counts,
+                             at::Tensor& sums, TopkCpuTiling tiling = {}) {
+  if (Q == 0) return;
+  const int64_t qc = std::max<int64_t>(1, std::min(tiling.q_chunk, Q));
+  const int64_t gt = std::max<int64_t>(1, std::min(tiling.g_tile, G));
+  const int kk = static_cast<int>(k);
+  auto fopts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor tile_buf = at::empty({qc * gt}, fopts);
+  const int64_t max_blocks = (qc + detail::kRowBlock - 1) / detail::kRowBlock;
+  at::Tensor partial = at::empty({max_blocks, gt}, at::TensorOptions().dtype(at::kDouble));
+  std::vector<int> lens(qc);
+  float* vals_all = values.data_ptr<float>();
+  int64_t* idx_all = indices.data_ptr<int64_t>();
+  int64_t* counts_p = counts.data_ptr<int64_t>();
+  double* sums_p = sums.data_ptr<double>();
+  double* partial_p = partial.data_ptr<double>();
+
+  for (int64_t q0 = 0; q0 < Q; q0 += qc) {
+    const int64_t qn = std::min(qc, Q - q0);
+    const int64_t nblk = (qn + detail::kRowBlock - 1) / detail::kRowBlock;
+    std::fill(lens.begin(), lens.end(), 0);
+    for (int64_t g0 = 0; g0 < G; g0 += gt) {
+      const int64_t gn = std::min(gt, G - g0);
+      at::Tensor tile = tile_buf.narrow(0, 0, qn * gn).view({qn, gn});
+      tile_fn(q0, qn, g0, gn, tile);
+      const float* tp = tile.const_data_ptr<float>();
+      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        detail::RowScratch scratch(kk);
+        for (int64_t b = b0; b < b1; ++b) {
+          double* part = partial_p + b * gn;
+          std::fill(part, part + gn, 0.0);
+          const int64_t r_end = std::min(qn, (b + 1) * detail::kRowBlock);
+          for (int64_t r = b * detail::kRowBlock; r < r_end; ++r) {
+            const float* row = tp + r * gn;
+            const int64_t grow = q0 + r;  // query row within this call
+            const int64_t self_col = exclude_self ? grow + q_offset - g0 : -1;
+            const bool has_self = self_col >= 0 && self_col < gn;
+            const int64_t skip = has_self ? self_col : gn;  // the own item adds nothing
+            accumulate_row(row, part, skip);
+            if (skip < gn) accumulate_row(row + skip + 1, part + skip + 1, gn - skip - 1);
+            detail::merge_tile_row(row, gn, g0, has_self ? self_col : -1, vals_all + grow * k, idx_all + grow * k,
+                                   &lens[r], kk, scratch);
+          }
+        }
+      });
+      // reduce the blocks in order (fixed partition: deterministic)
+      at::parallel_for(0, gn, 256, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          double s = 0.0;
+          for (int64_t b = 0; b < nblk; ++b) s += partial_p[b * gn + j];
+          sums_p[g0 + j] += s;
+        }
+      });
+    }
+    const int64_t* ip = idx_all + q0 * k;
+    for (int64_t e = 0; e < qn * k; ++e) counts_p[ip[e]] += 1;
+  }
+}
+
+}  // namespace nbretr
