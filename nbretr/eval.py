@@ -23,6 +23,7 @@ import torch.distributed as dist
 from nbretr import metrics as M
 from nbretr import ops
 from nbretr import retrieval as R
+from nbretr.hubness import save_histogram
 from nbretr.runtime import Dist, cleanup_distributed, setup_distributed, setup_logging, write_json
 
 log = logging.getLogger("nbretr")
@@ -157,7 +158,7 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
                                               q_chunk)
     if out_dir is not None and dist_.is_main:
         path = Path(out_dir) / "nk_histogram.png"
-        M.plot_nk_histogram({f"text->video (k={k_t2v})": t2v.counts, f"video->text (k={k_v2t})": v2t.counts}, path)
+        save_histogram({"text->video": t2v.counts, "video->text": v2t.counts}, k, path)
         results["nk_histogram"] = str(path)
     if was_training:
         model.train()

@@ -93,21 +93,26 @@ def hubness_report(q: torch.Tensor, g: torch.Tensor, k: int = 10, *, paired: boo
             "k": k, "num_queries": q.shape[0], "gallery_size": g.shape[0], "metric": metric}
 
 
-def save_histogram(counts: torch.Tensor, k: int, path: str | Path) -> Path:
-    """Histogram of N_k (log count axis) as PNG, matplotlib's Agg backend."""
+def save_histogram(counts: torch.Tensor | dict[str, torch.Tensor], k: int, path: str | Path) -> Path:
+    """Histogram of N_k (log count axis) as PNG, matplotlib's Agg backend. ``counts`` is one
+    [G] tensor or a dict ``{label: counts}`` (one panel each, e.g. both retrieval directions)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = counts.detach().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.arange(0, max(int(x.max()) if x.size else 0, 1) + 2) - 0.5
-    ax.hist(x, bins=bins if len(bins) <= 200 else 100, color="#3b6ea5")
-    ax.set_yscale("log")
-    ax.axvline(2 * k, color="#c0392b", linestyle="--", label=f"hub threshold 2k = {2 * k}")
-    ax.set_xlabel(f"N_{k} (k-occurrence)")
-    ax.set_ylabel("gallery items")
-    ax.legend()
+    panels = counts if isinstance(counts, dict) else {"": counts}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (label, c) in zip(axes[0], panels.items()):
+        x = torch.as_tensor(c).detach().cpu().numpy()
+        bins = np.arange(0, max(int(x.max()) if x.size else 0, 1) + 2) - 0.5
+        ax.hist(x, bins=bins if len(bins) <= 200 else 100, color="#3b6ea5")
+        ax.set_yscale("log")
+        ax.axvline(2 * k, color="#c0392b", linestyle="--", label=f"hub threshold 2k = {2 * k}")
+        ax.set_xlabel(f"N_{k} (k-occurrence)")
+        ax.set_ylabel("gallery items")
+        if label:
+            ax.set_title(label)
+        ax.legend()
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
