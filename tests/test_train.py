@@ -1,0 +1,100 @@
+"""python -m nbretr.train / nbretr.eval end to end on the small embedded dataset:
+config precedence, resume equals an uninterrupted run, eval's report and PNG."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nbretr import config as C
+
+
+@pytest.fixture(scope="module")
+def data_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nbdata")
+    old = os.environ.get("NBRETR_DATA")
+    os.environ["NBRETR_DATA"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("NBRETR_DATA", None)
+    else:
+        os.environ["NBRETR_DATA"] = old
+
+
+SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
+         "--num-neighbors", "4", "--temporal-layers", "1"]
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_precedence_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"lr": 0.5, "epochs": 3, "beta": 0.1}))
+    parser = C.build_parser("t")
+    cfg = C.resolve_config(parser.parse_args(["--config", str(y), "--epochs", "4", "--num_neighbors", "7"]))
+    assert (cfg.lr, cfg.epochs, cfg.beta, cfg.num_neighbors) == (0.5, 4, 0.1, 7)   # CLI > YAML > preset
+    assert cfg.batch_size == C.EMBEDDED_DEFAULTS["batch_size"]                     # synthetic preset
+    ref = C.resolve_config(parser.parse_args(["--dataset", "msrvtt", "--clip", "ViT-B/32", "--clip-path", "x.pt"]))
+    assert (ref.batch_size, ref.lr, ref.coef_lr, ref.epochs, ref.mb_batch) == (128, 1e-4, 1e-3, 5, 10)
+    assert (ref.centrality_scale, ref.num_neighbors, ref.temperature, ref.beta) == (0.3, 20, 3.0, 0.7)
+    y.write_text(yaml.safe_dump({"learning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['learning_rate'\\]"):
+        C.resolve_config(parser.parse_args(["--config", str(y)]))
+    with pytest.raises(FileNotFoundError, match="--config: no such file"):
+        C.resolve_config(parser.parse_args(["--config", str(tmp_path / "none.yaml")]))
+    with pytest.raises(ValueError, match="--clip ViT-B/32 needs --clip-path"):
+        C.resolve_config(parser.parse_args(["--clip", "ViT-B/32"]))
+    assert C.resolve_config(parser.parse_args(["--baseline"])).baseline is True
+
+
+def test_resume_continues_the_loss_curve(data_env, tmp_path):
+    from nbretr.train import main
+    args = SMALL + ["--epochs", "3", "--do-eval", "false", "--seed", "3"]
+    assert main(args + ["--max-steps", "7", "--output-dir", str(tmp_path / "full")]) == 0
+    full = _losses(tmp_path / "full")
+    assert [r["step"] for r in full] == list(range(1, 8))
+    # stop mid-epoch (3 steps per epoch), then resume to the same end
+    assert main(args + ["--max-steps", "4", "--output-dir", str(tmp_path / "cut")]) == 0
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 4)
+    assert main(args + ["--max-steps", "7", "--resume", str(tmp_path / "cut")]) == 0
+    resumed = _losses(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    for a, b in zip(full, resumed):
+        for key in ("loss", "wti", "nbi", "opt", "kl", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_train_then_eval_with_corrections(data_env, tmp_path, capsys):
+    from nbretr import eval as E
+    from nbretr.train import main
+    run = tmp_path / "run"
+    assert main(SMALL + ["--epochs", "1", "--output-dir", str(run)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"metrics: {(run / 'metrics.json').resolve()}"
+    m = json.loads((run / "metrics.json").read_text())
+    for d in ("t2v", "v2t"):
+        for key in ("R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum", "num_queries", "num_gallery", "hubness"):
+            assert key in m[d]
+        assert m[d]["num_queries"] == m[d]["num_gallery"] == 8
+        assert 1 <= m[d]["MnR"] <= 8
+    for f in ("config.yaml", "build_info.json", "tokenizer.json", "metrics.jsonl", "nk_histogram.png"):
+        assert (run / f).exists(), f
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    info = json.loads((run / "build_info.json").read_text())
+    assert "git_commit" in info and "extension_loaded" in info
+
+    assert E.main(["--checkpoint", str(run), "--corrections", "all", "--bank-size", "32",
+                   "--output-dir", str(tmp_path / "ev")]) == 0
+    m2 = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m2["t2v"]["R1"] == pytest.approx(m["t2v"]["R1"])          # same checkpoint, same ranks
+    assert set(m2["corrections"]) == set(E.CORRECTIONS)
+    for name, dirs in m2["corrections"].items():
+        assert set(dirs) == {"t2v", "v2t"} and "hubness" in dirs["t2v"]
+    assert (tmp_path / "ev" / "nk_histogram.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        E.main(["--checkpoint", str(run), "--corrections", "magic"])
