@@ -45,7 +45,8 @@ for spec in "bench/memory_bank.py|150|" \
             "bench/sinkhorn.py|120|" \
             "bench/wti_similarity.py|120|" \
             "bench/data.py|60|" \
-            "bench/topk_centrality.py|180|--sizes 50000,200000 --time-cap 100"; do
+            "bench/topk_centrality.py|180|--sizes 50000,200000 --time-cap 100" \
+            "bench/train_step.py|150|--size vitb32 --batch 128 --repeats 3"; do
   IFS='|' read -r b limit extra <<< "$spec"
   # shellcheck disable=SC2086
   timeout "$limit" $PY "$b" --out "$OUT" $extra > "$OUT/$(basename "$b" .py).txt" 2>&1 \
