@@ -51,10 +51,10 @@ class VideoDecodeError(RuntimeError):
 _reported: set[str] = set()
 
 
-def _report_once(key: str, msg: str, *args) -> None:
+def _report_once(key: str, msg: str, *args, level: int = logging.INFO) -> None:
     if key not in _reported:
         _reported.add(key)
-        log.info(msg, *args)
+        log.log(level, msg, *args)
 
 
 def _have_decord() -> bool:
@@ -204,7 +204,8 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
         raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
     if backend == "decord" or (backend == "auto" and _have_decord()):
         if backend == "auto":
-            _report_once("decord", "nbretr.data: decoding videos with decord")
+            # the usual case: debug level (every DataLoader worker is a new process)
+            _report_once("decord", "nbretr.data: decoding videos with decord", level=logging.DEBUG)
         try:
             return _decode_decord(path, max_frames, framerate, start, end)
         except VideoDecodeError as err:
