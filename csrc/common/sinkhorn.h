@@ -19,18 +19,26 @@
 
 #include "common/macros.h"
 
+// Host: force inlining, so the CPU kernels' vectorised loops (some built for AVX2 with a
+// target attribute) never call these out of line.
+#if defined(__CUDACC__) || defined(__HIPCC__) || !(defined(__GNUC__) || defined(__clang__))
+#define NBRETR_SK_HD NBRETR_HD
+#else
+#define NBRETR_SK_HD inline __attribute__((always_inline))
+#endif
+
 namespace nbretr {
 namespace sinkhorn {
 
 template <typename T>
-NBRETR_HD T neg_inf() {
+NBRETR_SK_HD T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
 // exp(x) for the kernels' inner loops. float: on the GPU the hardware exp; on the host a
 // branch-free Cephes-style polynomial (rel. error ~2 ulp, 0 below the smallest normal
 // result, exp(-inf) = 0) that the compiler vectorises, unlike std::exp. double: exp.
-NBRETR_HD float sk_exp(float x) {
+NBRETR_SK_HD float sk_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
@@ -57,13 +65,13 @@ NBRETR_HD float sk_exp(float x) {
 #endif
 }
 
-NBRETR_HD double sk_exp(double x) { return exp(x); }
+NBRETR_SK_HD double sk_exp(double x) { return exp(x); }
 
-NBRETR_HD float sk_log(float x) { return logf(x); }
-NBRETR_HD double sk_log(double x) { return log(x); }
+NBRETR_SK_HD float sk_log(float x) { return logf(x); }
+NBRETR_SK_HD double sk_log(double x) { return log(x); }
 
-NBRETR_HD float sk_max(float a, float b) { return a > b ? a : b; }
-NBRETR_HD double sk_max(double a, double b) { return a > b ? a : b; }
+NBRETR_SK_HD float sk_max(float a, float b) { return a > b ? a : b; }
+NBRETR_SK_HD double sk_max(double a, double b) { return a > b ? a : b; }
 
 // Online log-sum-exp state: LSE = m + log(s), s = sum exp(x - m). Empty: m = -inf, s = 0.
 template <typename T>
@@ -73,13 +81,13 @@ struct Lse {
 };
 
 template <typename T>
-NBRETR_HD Lse<T> lse_empty() {
+NBRETR_SK_HD Lse<T> lse_empty() {
   return {neg_inf<T>(), T(0)};
 }
 
 // Push one value. -inf values (masked entries) leave the state unchanged.
 template <typename T>
-NBRETR_HD void lse_push(Lse<T>& st, T x) {
+NBRETR_SK_HD void lse_push(Lse<T>& st, T x) {
   if (x == neg_inf<T>()) return;
   if (x > st.m) {
     st.s = st.s * sk_exp(st.m - x) + T(1);  // exp(-inf) = 0 on the empty state
@@ -91,7 +99,7 @@ NBRETR_HD void lse_push(Lse<T>& st, T x) {
 
 // Merge two partial states (order-independent up to rounding).
 template <typename T>
-NBRETR_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
+NBRETR_SK_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
   if (a.m == neg_inf<T>()) return b;
   if (b.m == neg_inf<T>()) return a;
   if (a.m >= b.m) return {a.m, a.s + b.s * sk_exp(b.m - a.m)};
@@ -99,27 +107,27 @@ NBRETR_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
 }
 
 template <typename T>
-NBRETR_HD T lse_value(Lse<T> st) {
+NBRETR_SK_HD T lse_value(Lse<T> st) {
   return st.m + sk_log(st.s);
 }
 
 // Two-pass form (max known): LSE = m + log(sum).
 template <typename T>
-NBRETR_HD T lse_from(T m, T sum) {
+NBRETR_SK_HD T lse_from(T m, T sum) {
   return m + sk_log(sum);
 }
 
 // Row-marginal error of row i after a full iteration t, from the next row LSE
 // r_i = LSE_j(K_ij + v_t,j): the plan's row sum is exp(u_t,i + r_i).
 template <typename T>
-NBRETR_HD T row_marginal_error(T u, T r, T log_mu) {
+NBRETR_SK_HD T row_marginal_error(T u, T r, T log_mu) {
   const T d = sk_exp(u + r) - sk_exp(log_mu);
   return d < T(0) ? -d : d;
 }
 
 // The potential after a half-step: log marginal minus the LSE.
 template <typename T>
-NBRETR_HD T potential(T log_marginal, T lse) {
+NBRETR_SK_HD T potential(T log_marginal, T lse) {
   return log_marginal - lse;
 }
 
@@ -127,7 +135,7 @@ NBRETR_HD T potential(T log_marginal, T lse) {
 // with (p, q, marginal) = (u_t, v_t, b_j) for the v half-step and (u_t, v_{t-1}, a_i)
 // for the u half-step.
 template <typename T>
-NBRETR_HD T half_step_weight(T k, T p, T q_minus_marginal) {
+NBRETR_SK_HD T half_step_weight(T k, T p, T q_minus_marginal) {
   return sk_exp(k + p + q_minus_marginal);
 }
 

@@ -1,10 +1,19 @@
 // sinkhorn_log / sinkhorn_log_backward, CPU.
 //
-// Every half-step is one at::parallel_for over (problem, chunk of rows or columns), so a
-// batch of small problems and a single 4,096 x 4,096 problem both use every core. Rows:
-// two-pass log-sum-exp (max, then sum of exp) over a row, with L independent lanes so the
-// compiler vectorises it; columns: the same two passes streamed row by row over a chunk of
-// columns (element-wise along the row, so it vectorises without a horizontal reduction).
+// Two schedules, both built from the same range kernels (so a problem's result does not
+// depend on which one ran it):
+//  * per problem (B >= threads, or small problems): one at::parallel_for over problems;
+//    each thread runs its problems' whole iteration loop serially (no barrier per
+//    half-step: a 128 x 128 problem is ~16k exps per half-step, far less than a barrier
+//    costs on a busy machine);
+//  * chunked (few large problems): per half-step one at::parallel_for over (problem,
+//    chunk of rows or columns), so one 4,096 x 4,096 problem uses every core.
+// Rows: two-pass log-sum-exp (max, then sum of exp) over a contiguous row, both passes
+// `omp simd` reductions. Columns: the same two passes streamed row by row into per-column
+// max/sum arrays, so every inner loop is contiguous and element-wise. The float kernels
+// are compiled three times (AVX-512, AVX2+FMA, baseline x86-64; picked at run time), so
+// the exp polynomial of csrc/common/sinkhorn.h runs 16, 8 or 4 lanes wide without
+// -march=native.
 // The math (exp, LSE, the tol error, the backward weights) is csrc/common/sinkhorn.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -19,50 +30,50 @@
 #include "common/sinkhorn.h"
 #include "common/sinkhorn_checks.h"
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define SK_X86_DISPATCH 1
+#define SK_AVX2 __attribute__((target("avx2,fma"), noinline))
+#define SK_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512"), noinline))
+#endif
+#define SK_INLINE inline __attribute__((always_inline))
+
 namespace nbretr {
 namespace {
 
 using namespace nbretr::sinkhorn;
 
-template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+// ---- range kernels (templates, inlined into the per-dtype entry points below) ---------
 
-// LSE_j(k_j + w_j), j < n (n >= 1, at least one finite k_j).
+// R_i = LSE_j(K_ij + w_j) for rows [i0, i1) (every row has a finite entry).
 template <typename T>
-T row_lse(const T* __restrict__ k, const T* __restrict__ w, int64_t n) {
-  constexpr int L = kLanes<T>;
-  T mx[L];
-  for (int l = 0; l < L; ++l) mx[l] = neg_inf<T>();
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    for (int l = 0; l < L; ++l) {
-      const T x = k[j + l] + w[j + l];
-      mx[l] = x > mx[l] ? x : mx[l];
+SK_INLINE void rows_lse_impl(const T* __restrict__ K, int64_t N, const T* __restrict__ w, int64_t i0, int64_t i1,
+                             T* __restrict__ R) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* __restrict__ k = K + i * N;
+    T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < N; ++j) {
+      const T x = k[j] + w[j];
+      m = x > m ? x : m;
     }
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < N; ++j) s += sk_exp(k[j] + w[j] - m);
+    R[i] = lse_from(m, s);
   }
-  T m = neg_inf<T>();
-  for (int l = 0; l < L; ++l) m = sk_max(m, mx[l]);
-  for (int64_t jj = j; jj < n; ++jj) m = sk_max(m, k[jj] + w[jj]);
-  T s[L];
-  for (int l = 0; l < L; ++l) s[l] = T(0);
-  for (j = 0; j + L <= n; j += L) {
-    for (int l = 0; l < L; ++l) s[l] += sk_exp(k[j + l] + w[j + l] - m);
-  }
-  T sum = T(0);
-  for (int l = 0; l < L; ++l) sum += s[l];
-  for (int64_t jj = j; jj < n; ++jj) sum += sk_exp(k[jj] + w[jj] - m);
-  return lse_from(m, sum);
 }
 
-// out_j = LSE_i(K_ij + u_i) for j in [j0, j1); m, s: scratch of length j1 - j0.
+// v_j = b_j - LSE_i(K_ij + u_i) for columns [j0, j1); m, s: scratch of length j1 - j0.
 template <typename T>
-void col_lse(const T* __restrict__ K, int64_t M, int64_t N, const T* __restrict__ u, int64_t j0, int64_t j1,
-             T* __restrict__ m, T* __restrict__ s, T* __restrict__ out) {
+SK_INLINE void cols_pot_impl(const T* __restrict__ K, int64_t M, int64_t N, const T* __restrict__ u,
+                             const T* __restrict__ bn, int64_t j0, int64_t j1, T* __restrict__ m, T* __restrict__ s,
+                             T* __restrict__ v) {
   const int64_t w = j1 - j0;
   for (int64_t j = 0; j < w; ++j) m[j] = neg_inf<T>();
   for (int64_t i = 0; i < M; ++i) {
     const T* __restrict__ k = K + i * N + j0;
     const T ui = u[i];
+#pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
       const T x = k[j] + ui;
       m[j] = x > m[j] ? x : m[j];
@@ -72,9 +83,120 @@ void col_lse(const T* __restrict__ K, int64_t M, int64_t N, const T* __restrict_
   for (int64_t i = 0; i < M; ++i) {
     const T* __restrict__ k = K + i * N + j0;
     const T ui = u[i];
+#pragma omp simd
     for (int64_t j = 0; j < w; ++j) s[j] += sk_exp(k[j] + ui - m[j]);
   }
-  for (int64_t j = 0; j < w; ++j) out[j] = lse_from(m[j], s[j]);
+  for (int64_t j = 0; j < w; ++j) v[j0 + j] = potential(bn[j0 + j], lse_from(m[j], s[j]));
+}
+
+// Backward of iteration t for rows [i0, i1) of one problem: wv = v_t - b, vp = v_{t-1},
+// ut = u_t; updates gk, reads/zeroes gu, adds to ga, accumulates sum_i gu_i Q^u_ij in P.
+template <typename T>
+SK_INLINE void bwd_rows_impl(const T* __restrict__ K, int64_t N, const T* __restrict__ ut, const T* __restrict__ a,
+                             const T* __restrict__ wv, const T* __restrict__ vp, const T* __restrict__ gv,
+                             int64_t i0, int64_t i1, T* __restrict__ gK, T* __restrict__ gu, T* __restrict__ ga,
+                             T* __restrict__ P) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* __restrict__ k = K + i * N;
+    T* __restrict__ gk = gK + i * N;
+    const T ui = ut[i];
+    // v_t half-step: column-softmax weights Q^v_ij
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < N; ++j) {
+      const T q = gv[j] * half_step_weight(k[j], ui, wv[j]);
+      gk[j] -= q;
+      acc += q;
+    }
+    const T gui = gu[i] - acc;
+    ga[i] += gui;
+    gu[i] = T(0);
+    // u_t half-step: row-softmax weights Q^u_ij
+    const T ci = ui - a[i];
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+      const T q = gui * half_step_weight(k[j], ci, vp[j]);
+      gk[j] -= q;
+      P[j] += q;
+    }
+  }
+}
+
+// ---- per-dtype entry points ------------------------------------------------------------
+// float: AVX-512 and AVX2+FMA builds of each kernel, the widest the CPU has chosen at run
+// time, else the baseline x86-64 (SSE2) build; all vectorise the exp polynomial. double (exp from
+// libm, used for gradcheck) has one build.
+
+#define SK_FLOAT_KERNELS(suffix, attr)                                                                             \
+  attr void rows_lse_##suffix(const float* K, int64_t N, const float* w, int64_t i0, int64_t i1, float* R) {       \
+    rows_lse_impl(K, N, w, i0, i1, R);                                                                           \
+  }                                                                                                              \
+  attr void cols_pot_##suffix(const float* K, int64_t M, int64_t N, const float* u, const float* bn, int64_t j0,  \
+                              int64_t j1, float* m, float* s, float* v) {                                        \
+    cols_pot_impl(K, M, N, u, bn, j0, j1, m, s, v);                                                              \
+  }                                                                                                              \
+  attr void bwd_rows_##suffix(const float* K, int64_t N, const float* ut, const float* a, const float* wv,        \
+                              const float* vp, const float* gv, int64_t i0, int64_t i1, float* gK, float* gu,    \
+                              float* ga, float* P) {                                                             \
+    bwd_rows_impl(K, N, ut, a, wv, vp, gv, i0, i1, gK, gu, ga, P);                                               \
+  }
+
+SK_FLOAT_KERNELS(base, __attribute__((noinline)))
+#ifdef SK_X86_DISPATCH
+SK_FLOAT_KERNELS(avx2, SK_AVX2)
+SK_FLOAT_KERNELS(avx512, SK_AVX512)
+// 2: AVX-512, 1: AVX2+FMA, 0: baseline. NBRETR_SINKHORN_ISA=avx2|base caps it (tests run
+// every build on one machine that way).
+int isa_level() {
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    level = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      level = 2;
+  }
+  if (const char* cap = std::getenv("NBRETR_SINKHORN_ISA")) {
+    if (std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
+    if (std::strcmp(cap, "base") == 0) level = 0;
+  }
+  return level;
+}
+const int kIsa = isa_level();
+#define SK_PICK(fn, ...) \
+  (kIsa == 2 ? fn##_avx512(__VA_ARGS__) : kIsa == 1 ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
+#else
+#define SK_PICK(fn, ...) fn##_base(__VA_ARGS__)
+#endif
+
+void rows_lse(const float* K, int64_t N, const float* w, int64_t i0, int64_t i1, float* R) {
+  SK_PICK(rows_lse, K, N, w, i0, i1, R);
+}
+void cols_pot(const float* K, int64_t M, int64_t N, const float* u, const float* bn, int64_t j0, int64_t j1,
+              float* m, float* s, float* v) {
+  SK_PICK(cols_pot, K, M, N, u, bn, j0, j1, m, s, v);
+}
+void bwd_rows(const float* K, int64_t N, const float* ut, const float* a, const float* wv, const float* vp,
+              const float* gv, int64_t i0, int64_t i1, float* gK, float* gu, float* ga, float* P) {
+  SK_PICK(bwd_rows, K, N, ut, a, wv, vp, gv, i0, i1, gK, gu, ga, P);
+}
+void rows_lse(const double* K, int64_t N, const double* w, int64_t i0, int64_t i1, double* R) {
+  rows_lse_impl(K, N, w, i0, i1, R);
+}
+void cols_pot(const double* K, int64_t M, int64_t N, const double* u, const double* bn, int64_t j0, int64_t j1,
+              double* m, double* s, double* v) {
+  cols_pot_impl(K, M, N, u, bn, j0, j1, m, s, v);
+}
+void bwd_rows(const double* K, int64_t N, const double* ut, const double* a, const double* wv, const double* vp,
+              const double* gv, int64_t i0, int64_t i1, double* gK, double* gu, double* ga, double* P) {
+  bwd_rows_impl(K, N, ut, a, wv, vp, gv, i0, i1, gK, gu, ga, P);
+}
+
+// ---- schedules -----------------------------------------------------------------------
+
+// Run each problem's whole loop on one thread when there are enough problems to fill the
+// threads, or when a problem is too small to be worth one barrier per half-step.
+bool per_problem_schedule(int64_t B, int64_t M, int64_t N) {
+  return B >= at::get_num_threads() || M * N <= 256 * 256;
 }
 
 // Split `len` into chunks so that B * chunks work items keep every thread busy.
@@ -86,6 +208,15 @@ Chunks make_chunks(int64_t B, int64_t len) {
   const int64_t count0 = std::min<int64_t>(want, len);
   const int64_t size = (len + count0 - 1) / count0;
   return {(len + size - 1) / size, size};
+}
+
+// Whether a problem stops before iteration t (t >= 1): its row-marginal error after
+// iteration t, from the next row LSE R, is < tol.
+template <typename T>
+bool converged(const T* u, const T* R, const T* a, int64_t M, T tol) {
+  T err = T(0);
+  for (int64_t i = 0; i < M; ++i) err = sk_max(err, row_marginal_error(u[i], R[i], a[i]));
+  return err < tol;
 }
 
 template <typename T>
@@ -101,33 +232,50 @@ void forward_impl(const at::Tensor& K, const at::Tensor& log_mu, const at::Tenso
   T* uh = u_hist.mutable_data_ptr<T>();
   T* vh = v_hist.mutable_data_ptr<T>();
   int64_t* iters = iters_out.mutable_data_ptr<int64_t>();
-  std::vector<T> R(B * M), cm(B * N), cs(B * N), cl(B * N);
-  std::vector<char> active(B, 1);
-  const Chunks rc = make_chunks(B, M), cc = make_chunks(B, N);
   const bool use_tol = tol.has_value();
   const T tol_v = use_tol ? static_cast<T>(*tol) : T(0);
 
+  if (per_problem_schedule(B, M, N)) {
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> R(M), cm(N), cs(N);
+      for (int64_t b = lo; b < hi; ++b) {
+        const T* Kb = Kp + b * M * N;
+        const T *ab = a + b * M, *bb = bn + b * N;
+        T *ub = u + b * M, *vb = v + b * N;
+        for (int64_t t = 0; t < n_iters; ++t) {
+          rows_lse(Kb, N, vb, 0, M, R.data());
+          if (use_tol && t >= 1 && converged(ub, R.data(), ab, M, tol_v)) break;
+          T* uht = uh + (b * n_iters + t) * M;
+          for (int64_t i = 0; i < M; ++i) uht[i] = ub[i] = potential(ab[i], R[i]);
+          cols_pot(Kb, M, N, ub, bb, 0, N, cm.data(), cs.data(), vb);
+          std::copy(vb, vb + N, vh + (b * n_iters + t) * N);
+          iters[b] = t + 1;
+        }
+      }
+    });
+    return;
+  }
+
+  std::vector<T> R(B * M), cm(B * N), cs(B * N);
+  std::vector<char> active(B, 1);
+  const Chunks rc = make_chunks(B, M), cc = make_chunks(B, N);
   for (int64_t t = 0; t < n_iters; ++t) {
     // u half-step, part 1: R_i = LSE_j(K_ij + v_j)
     at::parallel_for(0, B * rc.count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const int64_t b = w / rc.count, c = w % rc.count;
         if (!active[b]) continue;
-        const int64_t i1 = std::min(M, (c + 1) * rc.size);
-        for (int64_t i = c * rc.size; i < i1; ++i) R[b * M + i] = row_lse(Kp + (b * M + i) * N, v + b * N, N);
+        const int64_t i0 = c * rc.size, i1 = std::min(M, i0 + rc.size);
+        rows_lse(Kp + b * M * N, N, v + b * N, i0, i1, R.data() + b * M);
       }
     });
     // tol: the row-marginal error of iteration t (u_t, v_t); then commit u_{t+1}
     bool any = false;
     for (int64_t b = 0; b < B; ++b) {
       if (!active[b]) continue;
-      if (use_tol && t >= 1) {
-        T err = T(0);
-        for (int64_t i = 0; i < M; ++i) err = sk_max(err, row_marginal_error(u[b * M + i], R[b * M + i], a[b * M + i]));
-        if (err < tol_v) {
-          active[b] = 0;
-          continue;
-        }
+      if (use_tol && t >= 1 && converged(u + b * M, R.data() + b * M, a + b * M, M, tol_v)) {
+        active[b] = 0;
+        continue;
       }
       for (int64_t i = 0; i < M; ++i) {
         const T ui = potential(a[b * M + i], R[b * M + i]);
@@ -144,12 +292,8 @@ void forward_impl(const at::Tensor& K, const at::Tensor& log_mu, const at::Tenso
         if (!active[b]) continue;
         const int64_t j0 = c * cc.size, j1 = std::min(N, j0 + cc.size);
         const int64_t o = b * N + j0;
-        col_lse(Kp + b * M * N, M, N, u + b * M, j0, j1, cm.data() + o, cs.data() + o, cl.data() + o);
-        for (int64_t j = j0; j < j1; ++j) {
-          const T vj = potential(bn[b * N + j], cl[b * N + j]);
-          v[b * N + j] = vj;
-          vh[(b * n_iters + t) * N + j] = vj;
-        }
+        cols_pot(Kp + b * M * N, M, N, u + b * M, bn + b * N, j0, j1, cm.data() + o, cs.data() + o, v + b * N);
+        std::copy(v + o, v + b * N + j1, vh + (b * n_iters + t) * N + j0);
       }
     });
     for (int64_t b = 0; b < B; ++b) iters[b] += active[b] ? 1 : 0;
@@ -194,80 +338,65 @@ void backward_impl(const at::Tensor& K, const at::Tensor& log_mu, const at::Tens
   T* gv = gv_t.mutable_data_ptr<T>();
   T* ga = ga_t.mutable_data_ptr<T>();
   T* gb = gb_t.mutable_data_ptr<T>();
+
+  // W = v_t - b (v half-step weights), Vp = v_{t-1} (u half-step weights) of problem b
+  auto weights = [&](int64_t b, int64_t t, T* W, T* Vp) {
+    const T* vt = vh + (b * T_ + t - 1) * N;
+    for (int64_t j = 0; j < N; ++j) {
+      W[j] = vt[j] - bn[b * N + j];
+      Vp[j] = t >= 2 ? vh[(b * T_ + t - 2) * N + j] : T(0);
+    }
+  };
+
+  if (per_problem_schedule(B, M, N)) {
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> P(N), W(N), Vp(N);
+      for (int64_t b = lo; b < hi; ++b) {
+        T *gvb = gv + b * N, *gbb = gb + b * N;
+        for (int64_t t = iters[b]; t >= 1; --t) {
+          weights(b, t, W.data(), Vp.data());
+          std::fill(P.begin(), P.end(), T(0));
+          bwd_rows(Kp + b * M * N, N, uh + (b * T_ + t - 1) * M, a + b * M, W.data(), Vp.data(), gvb, 0, M,
+                   g + b * M * N, gu + b * M, ga + b * M, P.data());
+          // gb collects gbar(v_t); gbar(v_{t-1}) = -sum_i gu_i Q^u_ij
+          for (int64_t j = 0; j < N; ++j) {
+            gbb[j] += gvb[j];
+            gvb[j] = -P[j];
+          }
+        }
+      }
+    });
+    return;
+  }
+
   int64_t t_max = 0;
   for (int64_t b = 0; b < B; ++b) t_max = std::max(t_max, iters[b]);
   const Chunks rc = make_chunks(B, M);
   std::vector<T> P(B * rc.count * N), W(B * N), Vp(B * N);
-
   for (int64_t t = t_max; t >= 1; --t) {
-    // per problem: W = v_t - b (v half-step weights), Vp = v_{t-1} (u half-step weights)
-    for (int64_t b = 0; b < B; ++b) {
-      if (iters[b] < t) continue;
-      const T* vt = vh + (b * T_ + t - 1) * N;
-      for (int64_t j = 0; j < N; ++j) {
-        W[b * N + j] = vt[j] - bn[b * N + j];
-        Vp[b * N + j] = t >= 2 ? vh[(b * T_ + t - 2) * N + j] : T(0);
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      if (iters[b] >= t) weights(b, t, W.data() + b * N, Vp.data() + b * N);
     at::parallel_for(0, B * rc.count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t w = lo; w < hi; ++w) {
         const int64_t b = w / rc.count, c = w % rc.count;
         if (iters[b] < t) continue;
-        T* __restrict__ Pc = P.data() + w * N;
+        T* Pc = P.data() + w * N;
         std::fill(Pc, Pc + N, T(0));
-        const T* __restrict__ wv = W.data() + b * N;
-        const T* __restrict__ vp = Vp.data() + b * N;
-        const T* __restrict__ gvb = gv + b * N;
-        const T* ut = uh + (b * T_ + t - 1) * M;
-        const int64_t i1 = std::min(M, (c + 1) * rc.size);
-        for (int64_t i = c * rc.size; i < i1; ++i) {
-          const T* __restrict__ k = Kp + (b * M + i) * N;
-          T* __restrict__ gk = g + (b * M + i) * N;
-          const T ui = ut[i];
-          // v_t half-step: column-softmax weights Q^v_ij
-          constexpr int L = kLanes<T>;
-          T accl[L];
-          for (int l = 0; l < L; ++l) accl[l] = T(0);
-          int64_t j = 0;
-          for (; j + L <= N; j += L) {
-            for (int l = 0; l < L; ++l) {
-              const T q = gvb[j + l] * half_step_weight(k[j + l], ui, wv[j + l]);
-              gk[j + l] -= q;
-              accl[l] += q;
-            }
-          }
-          T acc = T(0);
-          for (int l = 0; l < L; ++l) acc += accl[l];
-          for (; j < N; ++j) {
-            const T q = gvb[j] * half_step_weight(k[j], ui, wv[j]);
-            gk[j] -= q;
-            acc += q;
-          }
-          const T gui = gu[b * M + i] - acc;
-          ga[b * M + i] += gui;
-          gu[b * M + i] = T(0);
-          // u_t half-step: row-softmax weights Q^u_ij
-          const T ci = ui - a[b * M + i];
-          for (j = 0; j < N; ++j) {
-            const T q = gui * half_step_weight(k[j], ci, vp[j]);
-            gk[j] -= q;
-            Pc[j] += q;
-          }
-        }
+        const int64_t i0 = c * rc.size, i1 = std::min(M, i0 + rc.size);
+        bwd_rows(Kp + b * M * N, N, uh + (b * T_ + t - 1) * M, a + b * M, W.data() + b * N, Vp.data() + b * N,
+                 gv + b * N, i0, i1, g + b * M * N, gu + b * M, ga + b * M, Pc);
       }
     });
-    // gbar(v_{t-1}) = -sum_i gu_i Q^u_ij; gb collects gbar(v_t) first
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        if (iters[b] < t) continue;
-        for (int64_t j = 0; j < N; ++j) {
-          gb[b * N + j] += gv[b * N + j];
-          T s = T(0);
-          for (int64_t c = 0; c < rc.count; ++c) s += P[(b * rc.count + c) * N + j];
-          gv[b * N + j] = -s;
-        }
+    // gb collects gbar(v_t); gbar(v_{t-1}) = -sum_i gu_i Q^u_ij (sum over the row chunks)
+    for (int64_t b = 0; b < B; ++b) {
+      if (iters[b] < t) continue;
+      for (int64_t j = 0; j < N; ++j) {
+        gb[b * N + j] += gv[b * N + j];
+        T s = T(0);
+        for (int64_t c = 0; c < rc.count; ++c) s += P[(b * rc.count + c) * N + j];
+        gv[b * N + j] = -s;
       }
-    });
+    }
   }
 }
 
