@@ -362,3 +362,23 @@ def test_forward_ext_matches_torch():
             torch.testing.assert_close(res["ext"][0][k], v, rtol=1e-5, atol=1e-6)
         for n, g in res["torch"][1].items():
             torch.testing.assert_close(res["ext"][1][n], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_centrality_weights_gradient_option(detach):
+    """Reference default: L_wti's weights carry gradient (and it always pushes c_i down);
+    detach_centrality=True makes them constants, leaving the scores' gradient unchanged."""
+    torch.manual_seed(0)
+    m = NeighborRetr(NeighborRetrConfig(max_words=6, max_frames=4, vocab_size=30, detach_centrality=detach))
+    tokens = torch.randn(5, 6, m.dim)
+    g = torch.randn(5, m.dim, requires_grad=True)
+    w = m.centrality_weights(tokens, g)
+    assert w.requires_grad is (not detach)
+    logits = torch.randn(5, 5)
+    from nbretr import losses
+    loss = losses.centrality_weighting_loss(logits, w)
+    if detach:
+        assert not loss.requires_grad
+    else:
+        loss.backward()
+        assert g.grad.abs().sum() > 0

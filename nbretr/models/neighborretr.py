@@ -63,6 +63,12 @@ class NeighborRetrConfig:
     centrality_k: int | None = None        # k of the k-occurrence ("knn"); None = num_neighbors
     nbi_normalize_over: Literal["complement", "neighbors"] = "complement"
     detach_plan: bool = True
+    # The reference lets L_wti's gradient flow into its weights w_i = exp(κ c_i). Since
+    # d(-w_i log p_ii)/dc_i = -κ w_i log p_ii > 0 always, that gradient pushes every global
+    # token away from the batch's tokens; from a random init this wins and collapses the
+    # encoders (measured on the embedded dataset: R@1 at chance). True treats the weights as
+    # constants (the paper's reading: weights of the contrastive loss).
+    detach_centrality: bool = False
     baseline: bool = False                 # plain symmetric InfoNCE on the same model
     # architecture
     temporal_layers: int = 4
@@ -192,6 +198,8 @@ class NeighborRetr(nn.Module):
         x_hat = F.normalize(tokens.float().reshape(-1, tokens.shape[-1]), dim=-1)
         g_hat = F.normalize(global_tokens.float(), dim=-1)
         c = g_hat @ x_hat.mean(dim=0)
+        if self.config.detach_centrality:
+            c = c.detach()
         return torch.exp(self.config.centrality_scale * c)
 
     def _need_clusters(self):
