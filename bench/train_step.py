@@ -68,6 +68,9 @@ def main() -> int:
     params = dict(size=args.size, batch=batch, bank=len(bank), L=L, F=F, D=D)
     losses = {}
     backends = ["torch"] + (["ext"] if ops._backend.ext_supports(torch.device(dev))[0] else [])
+    for backend in backends:  # correctness first, on the same bank
+        with torch.no_grad(), ops.use_backend(backend):
+            losses[backend] = float(model.loss(feats["T"], tmask, feats["V"], vmask, bank)["loss"])
     for backend in backends:
         def head(backend=backend):
             T = feats["T"].clone().requires_grad_(True)
@@ -78,7 +81,6 @@ def main() -> int:
                 bank.push({"text": T.detach(), "text_mask": tmask, "video": V.detach(), "video_mask": vmask,
                            "ids": torch.arange(batch, device=dev)})
             return out
-        losses[backend] = float(head()["loss"])
         results.append(_runner.run_case("loss head fwd+bwd+push", backend, params, head, dev, repeats=args.repeats,
                                         warmup=1))
     if len(losses) == 2:
