@@ -217,6 +217,7 @@ class Trainer:
         per_rank = cfg.batch_size // self.dist.world_size
         jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
         t_start = time.time()
+        self._start_step = self.global_step
         pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.dist.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
@@ -272,7 +273,7 @@ class Trainer:
 
     def log_step(self, parts, pbar, jsonl, items_per_step, t_start) -> None:
         elapsed = time.time() - t_start
-        rate = items_per_step * (pbar.n - pbar.initial + 1) / max(elapsed, 1e-9)
+        rate = items_per_step * (self.global_step - self._start_step) / max(elapsed, 1e-9)
         pbar.set_postfix({**{k: f"{v:.3f}" for k, v in parts.items()}, "items/s": f"{rate:.0f}"}, refresh=False)
         pbar.update(1)
         if jsonl is not None:

@@ -98,3 +98,23 @@ def test_train_then_eval_with_corrections(data_env, tmp_path, capsys):
     assert (tmp_path / "ev" / "nk_histogram.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         E.main(["--checkpoint", str(run), "--corrections", "magic"])
+
+
+def test_torchrun_two_cpu_processes(data_env, tmp_path):
+    """The command itself under torchrun (gloo): trains, evaluates with the queries split
+    across the two ranks, and writes one run folder."""
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "nbretr.train", *SMALL,
+                        "--epochs", "1", "--output-dir", str(run)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"metrics: {(run / 'metrics.json').resolve()}"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["t2v"]["num_queries"] == 8 and 1 <= m["t2v"]["MnR"] <= 8
+    assert json.loads((run / "build_info.json").read_text())["world_size"] == 2
+    assert len(_losses(run)) == 3
