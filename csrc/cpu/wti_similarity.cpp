@@ -84,6 +84,183 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
   return out;
 }
 
+// ---- backward helpers ------------------------------------------------------------------
+
+// y += a * x over n elements; float has an AVX2+FMA build picked at run time (no -march).
+template <typename T>
+void axpy_base(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+__attribute__((target("avx2,fma"), noinline)) void axpy_avx2(float* __restrict y, float a,
+                                                              const float* __restrict x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+template <typename T>
+using AxpyFn = void (*)(T*, T, const T*, int64_t);
+template <typename T>
+AxpyFn<T> pick_axpy() {
+  return &axpy_base<T>;
+}
+template <>
+AxpyFn<float> pick_axpy<float>() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2 ? &axpy_avx2 : &axpy_base<float>;
+}
+
+// Arg-maxes of one pair (same values and tie rule as wti_row_max / wti_col_max), with
+// the weight gradients: gwt[l] += hg * max_f S[l, f], gwv[f] += hg * max_l S[l, f].
+template <typename acc_t, typename idx_t>
+inline void pair_argmax(const WtiPair<acc_t>& p, acc_t hg, idx_t* ar, idx_t* ac, acc_t* gwt, acc_t* gwv,
+                        acc_t* colbest) {
+  for (int64_t l = 0; l < p.L; ++l) {
+    acc_t best = p.s(l, 0);
+    int64_t arg = 0;
+    for (int64_t f = 1; f < p.F; ++f) {
+      const acc_t x = p.s(l, f);
+      if (x > best) {
+        best = x;
+        arg = f;
+      }
+    }
+    ar[l] = static_cast<idx_t>(arg);
+    gwt[l] += hg * best;
+  }
+  for (int64_t f = 0; f < p.F; ++f) {
+    colbest[f] = p.s(0, f);
+    ac[f] = 0;
+  }
+  for (int64_t l = 1; l < p.L; ++l) {
+    for (int64_t f = 0; f < p.F; ++f) {
+      const acc_t x = p.s(l, f);
+      if (x > colbest[f]) {
+        colbest[f] = x;
+        ac[f] = static_cast<idx_t>(l);
+      }
+    }
+  }
+  for (int64_t f = 0; f < p.F; ++f) gwv[f] += hg * colbest[f];
+}
+
+template <typename acc_t, typename idx_t>
+void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Tensor& gt, at::Tensor& gwt,
+                   at::Tensor& gv, at::Tensor& gwv) {
+  const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
+  const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
+  const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
+  const acc_t *tp = p.t.const_data_ptr<acc_t>(), *vp = p.v.const_data_ptr<acc_t>();
+  const auto t2 = p.t.view({Bt * L, D}), v2 = p.v.view({Bv * F, D});
+  const auto idx_dtype = sizeof(idx_t) == 1 ? at::kByte : at::kInt;
+  // 1) one GEMM recompute: the arg-maxes of every pair ([Bt, Bv, L] and [Bt, Bv, F]) and
+  //    the weight gradients (run-local, summed in run order: deterministic per thread count)
+  auto AR = at::empty({Bt, Bv, L}, p.t.options().dtype(idx_dtype));
+  auto AC = at::empty({Bt, Bv, F}, p.t.options().dtype(idx_dtype));
+  idx_t* arp = static_cast<idx_t*>(AR.data_ptr());
+  idx_t* acp = static_cast<idx_t*>(AC.data_ptr());
+  const int64_t TB = std::max<int64_t>(1, kRows / L), VB = std::max<int64_t>(1, kCols / F);
+  const int64_t nbt = (Bt + TB - 1) / TB, nbv = (Bv + VB - 1) / VB, ntasks = nbt * nbv;
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  auto tiles = at::empty({runs, TB * L * VB * F}, p.t.options());
+  auto lwt = at::zeros({runs, Bt * L}, p.t.options());
+  auto lwv = at::zeros({runs, Bv * F}, p.t.options());
+  auto colbuf = at::empty({runs, F}, p.t.options());
+  at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
+    at::NoGradGuard no_grad;
+    for (int64_t r = rb; r < re; ++r) {
+      acc_t* gwt_r = lwt.mutable_data_ptr<acc_t>() + r * Bt * L;
+      acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
+      acc_t* cb = colbuf.mutable_data_ptr<acc_t>() + r * F;
+      for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
+        const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
+        const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
+        at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
+        at::mm_out(S, t2.narrow(0, i0 * L, nt * L), v2.narrow(0, j0 * F, nv * F).t());
+        const acc_t* s = S.const_data_ptr<acc_t>();
+        const int64_t ld = nv * F;
+        for (int64_t ii = 0; ii < nt; ++ii) {
+          const int64_t i = i0 + ii;
+          for (int64_t jj = 0; jj < nv; ++jj) {
+            const int64_t j = j0 + jj;
+            const acc_t g = gp[i * Bv + j];
+            if (g == acc_t(0)) continue;  // phase 2 skips the pair too
+            WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};
+            pair_argmax<acc_t, idx_t>(pair, acc_t(0.5) * g, arp + (i * Bv + j) * L, acp + (i * Bv + j) * F,
+                                      gwt_r + i * L, gwv_r + j * F, cb);
+          }
+        }
+      }
+    }
+  });
+  gwt.view({Bt * L}).copy_(lwt.sum(0));
+  gwv.view({Bv * F}).copy_(lwv.sum(0));
+  tiles = at::Tensor();
+
+  // 2) dL/dt and dL/dv from the arg-maxes: each pair adds at most L + F scaled rows
+  //    (c * v_jf to t's row l, c * t_il to v's row f), no dense dS. Texts are split
+  //    among threads for dT and videos for dV (each output row has one writer).
+  const AxpyFn<acc_t> axpy = pick_axpy<acc_t>();
+  acc_t* gtp = gt.mutable_data_ptr<acc_t>();
+  acc_t* gvp = gv.mutable_data_ptr<acc_t>();
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t TB2 = std::max<int64_t>(1, (256 << 10) / (L * row_bytes));
+  const int64_t VB2 = std::max<int64_t>(1, (256 << 10) / (F * row_bytes));
+  // coefficient of a pair's row max at token l (arg-max frame a) and column max at frame f
+  // (arg-max token a), exactly as wti_pair_backward
+  at::parallel_for(0, (Bt + TB2 - 1) / TB2, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i0 = b0 * TB2; i0 < std::min(Bt, b1 * TB2); i0 += TB2) {
+      const int64_t i1 = std::min(Bt, i0 + TB2);
+      for (int64_t j0 = 0; j0 < Bv; j0 += VB2) {
+        const int64_t j1 = std::min(Bv, j0 + VB2);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const acc_t g = gp[i * Bv + j];
+            if (g == acc_t(0)) continue;
+            const acc_t hg = acc_t(0.5) * g;
+            const idx_t* ar = arp + (i * Bv + j) * L;
+            const idx_t* ac = acp + (i * Bv + j) * F;
+            for (int64_t l = 0; l < L; ++l) {
+              const int64_t a = ar[l];
+              const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
+              if (c != acc_t(0)) axpy(gtp + (i * L + l) * D, c, vp + (j * F + a) * D, D);
+            }
+            for (int64_t f = 0; f < F; ++f) {
+              const int64_t a = ac[f];
+              const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
+              if (c != acc_t(0)) axpy(gtp + (i * L + a) * D, c, vp + (j * F + f) * D, D);
+            }
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, (Bv + VB2 - 1) / VB2, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j0 = b0 * VB2; j0 < std::min(Bv, b1 * VB2); j0 += VB2) {
+      const int64_t j1 = std::min(Bv, j0 + VB2);
+      for (int64_t i0 = 0; i0 < Bt; i0 += TB2) {
+        const int64_t i1 = std::min(Bt, i0 + TB2);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const acc_t g = gp[i * Bv + j];
+            if (g == acc_t(0)) continue;
+            const acc_t hg = acc_t(0.5) * g;
+            const idx_t* ar = arp + (i * Bv + j) * L;
+            const idx_t* ac = acp + (i * Bv + j) * F;
+            for (int64_t l = 0; l < L; ++l) {
+              const int64_t a = ar[l];
+              const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
+              if (c != acc_t(0)) axpy(gvp + (j * F + a) * D, c, tp + (i * L + l) * D, D);
+            }
+            for (int64_t f = 0; f < F; ++f) {
+              const int64_t a = ac[f];
+              const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
+              if (c != acc_t(0)) axpy(gvp + (j * F + f) * D, c, tp + (i * L + a) * D, D);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backward_cpu(
     const at::Tensor& grad, const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
     const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight) {
@@ -98,69 +275,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   if (d.Bt > 0 && d.Bv > 0) {
     const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
     const at::Tensor g = grad.to(acc).contiguous();
-    const int64_t TB = std::max<int64_t>(1, kRows / d.L), VB = std::max<int64_t>(1, kCols / d.F);
-    const int64_t nbv = (d.Bv + VB - 1) / VB;
-    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nbv));
-    const auto t2 = p.t.view({d.Bt * d.L, d.D}), v2 = p.v.view({d.Bv * d.F, d.D});
-    // run-local gradients of the current text block: [runs, TB*L, D] and [runs, TB*L]
-    auto local_t = at::empty({runs, TB * d.L, d.D}, gt.options());
-    auto local_wt = at::empty({runs, TB * d.L}, gt.options());
-    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, gt.options());
-    auto dtiles = at::empty({runs, TB * d.L * VB * d.F}, gt.options());
-
+    const bool small = std::max(d.L, d.F) <= 256;
     AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_backward_cpu", [&] {
-      using acc_t = scalar_t;
-      const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
-      const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
-      const acc_t* gp = g.const_data_ptr<acc_t>();
-      acc_t* gwvp = gwv.mutable_data_ptr<acc_t>();
-      const at::Tensor gv2 = gv.view({d.Bv * d.F, d.D});
-      const int64_t D = d.D, L = d.L, F = d.F;
-      for (int64_t i0 = 0; i0 < d.Bt; i0 += TB) {
-        const int64_t nt = std::min(TB, d.Bt - i0);
-        local_t.zero_();
-        local_wt.zero_();
-        const at::Tensor tb = t2.narrow(0, i0 * L, nt * L);
-        at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
-          at::NoGradGuard no_grad;  // worker threads: plain tensor math below autograd
-          for (int64_t r = rb; r < re; ++r) {
-            at::Tensor lt = local_t[r].narrow(0, 0, nt * L);
-            acc_t* lwt = local_wt.mutable_data_ptr<acc_t>() + r * TB * L;
-            const int64_t vb_begin = nbv * r / runs, vb_end = nbv * (r + 1) / runs;
-            for (int64_t vb = vb_begin; vb < vb_end; ++vb) {
-              const int64_t j0 = vb * VB, nv = std::min(VB, d.Bv - j0);
-              const at::Tensor vblk = v2.narrow(0, j0 * F, nv * F);
-              at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
-              at::mm_out(S, tb, vblk.t());
-              // dL/draw for the tile: at most L + F entries per pair, then two GEMMs
-              at::Tensor dS = dtiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
-              dS.zero_();
-              const acc_t* s = S.const_data_ptr<acc_t>();
-              acc_t* ds = dS.mutable_data_ptr<acc_t>();
-              const int64_t ld = nv * F;
-              for (int64_t ii = 0; ii < nt; ++ii) {
-                const int64_t i = i0 + ii;
-                for (int64_t jj = 0; jj < nv; ++jj) {
-                  const int64_t j = j0 + jj;
-                  const acc_t gij = gp[i * d.Bv + j];
-                  if (gij == acc_t(0)) continue;
-                  WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F,
-                                      wt + i * L, wv + j * F, L, F};
-                  acc_t* dsp = ds + ii * L * ld + jj * F;
-                  wti_pair_backward(
-                      pair, gij, [&](int64_t l, acc_t x) { lwt[ii * L + l] += x; },
-                      [&](int64_t f, acc_t x) { gwvp[j * F + f] += x; },
-                      [&](int64_t l, int64_t f, acc_t c) { dsp[l * ld + f] += c; });
-                }
-              }
-              lt.addmm_(dS, vblk);
-              gv2.narrow(0, j0 * F, nv * F).addmm_(dS.t(), tb);
-            }
-          }
-        });
-        gt.narrow(0, i0, nt).view({nt * L, D}).add_(local_t.narrow(1, 0, nt * L).sum(0));
-        gwt.narrow(0, i0, nt).view({nt * L}).add_(local_wt.narrow(1, 0, nt * L).sum(0));
-      }
+      if (small)
+        backward_impl<scalar_t, uint8_t>(d, p, g.const_data_ptr<scalar_t>(), gt, gwt, gv, gwv);
+      else
+        backward_impl<scalar_t, int32_t>(d, p, g.const_data_ptr<scalar_t>(), gt, gwt, gv, gwv);
     });
   }
   return {gt.to(t.scalar_type()), gwt.to(t_weight.scalar_type()), gv.to(v.scalar_type()),
