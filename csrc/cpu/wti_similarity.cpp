@@ -4,12 +4,12 @@
 // with the max-and-weigh step of csrc/common/wti.h. Memory: one tile per running task,
 // never [Bt, Bv, L, F].
 //
-// Backward: text blocks in sequence; within one, the video blocks are split into one
-// contiguous run per thread. Each run recomputes its tiles and arg-maxes, scatters the
-// pairs' dL/dS (at most L + F entries per pair) into a zeroed tile dS and applies it with
-// two GEMMs (dT += dS V, dV += dS^T T): the gradients of its own videos go directly into
-// the output, those of the shared text block into a run-local buffer, summed in run
-// order afterwards (deterministic for a given thread count).
+// Backward: one GEMM recompute per tile (tasks split among threads as in the forward)
+// stores every pair's arg-maxes ([Bt, Bv, L] and [Bt, Bv, F], uint8 while L, F <= 256,
+// else int32) and the weight gradients (run-local, summed in run order). dL/dt and dL/dv
+// are then sparse row sums: each pair adds at most L + F scaled rows (c * v_jf to t's row l,
+// c * t_il to v's row f), threads split the texts for dL/dt and the videos for dL/dv (one
+// writer per output row, no atomics, deterministic for a given thread count); no dense dS.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
