@@ -78,6 +78,16 @@ def test_gradients_match_torch_path(device, shape):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 300, 5, 8), (2, 3, 6, 270, 8)])
+def test_gradients_long_sequences_cpu(shape):
+    """L or F > 256: the CPU backward stores its arg-maxes as int32 instead of uint8."""
+    require_ext("cpu")
+    args = make(*shape, dtype=torch.float64)
+    gout = torch.randn(shape[:2], dtype=torch.float64)
+    for a, b in zip(_grads(args, "ext", gout), _grads(args, "torch", gout)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (3, 2, 5, 2, 8), (1, 4, 1, 3, 6)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(device, shape, backend):
