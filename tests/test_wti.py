@@ -78,9 +78,10 @@ def test_gradients_match_torch_path(device, shape):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 300, 5, 8), (2, 3, 6, 270, 8)])
+@pytest.mark.parametrize("shape", [(3, 4, 300, 5, 8), (2, 3, 6, 270, 8), (70, 9, 32, 12, 16)])
 def test_gradients_long_sequences_cpu(shape):
-    """L or F > 256: the CPU backward stores its arg-maxes as int32 instead of uint8."""
+    """L or F > 256: the CPU backward stores its arg-maxes as int32 instead of uint8; many
+    text blocks (70 x 32 tokens): the fused dL/dt path."""
     require_ext("cpu")
     args = make(*shape, dtype=torch.float64)
     gout = torch.randn(shape[:2], dtype=torch.float64)

@@ -158,80 +158,98 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   idx_t* acp = static_cast<idx_t*>(AC.data_ptr());
   const int64_t TB = std::max<int64_t>(1, kRows / L), VB = std::max<int64_t>(1, kCols / F);
   const int64_t nbt = (Bt + TB - 1) / TB, nbv = (Bv + VB - 1) / VB, ntasks = nbt * nbv;
-  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  const int64_t nthreads = at::get_num_threads();
+  // fused: enough text blocks to split them among threads, so each thread owns its texts'
+  // dL/dt rows and adds them while the tile's videos are still in cache
+  const bool fused = nbt >= 2 * nthreads;
+  const int64_t runs = fused ? nthreads : std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
   auto tiles = at::empty({runs, TB * L * VB * F}, p.t.options());
-  auto lwt = at::zeros({runs, Bt * L}, p.t.options());
+  auto lwt = at::zeros({fused ? 1 : runs, Bt * L}, p.t.options());
   auto lwv = at::zeros({runs, Bv * F}, p.t.options());
   auto colbuf = at::empty({runs, F}, p.t.options());
-  at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
-    at::NoGradGuard no_grad;
-    for (int64_t r = rb; r < re; ++r) {
-      acc_t* gwt_r = lwt.mutable_data_ptr<acc_t>() + r * Bt * L;
-      acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
-      acc_t* cb = colbuf.mutable_data_ptr<acc_t>() + r * F;
-      for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
-        const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
-        const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
-        at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
-        at::mm_out(S, t2.narrow(0, i0 * L, nt * L), v2.narrow(0, j0 * F, nv * F).t());
-        const acc_t* s = S.const_data_ptr<acc_t>();
-        const int64_t ld = nv * F;
-        for (int64_t ii = 0; ii < nt; ++ii) {
-          const int64_t i = i0 + ii;
-          for (int64_t jj = 0; jj < nv; ++jj) {
-            const int64_t j = j0 + jj;
-            const acc_t g = gp[i * Bv + j];
-            if (g == acc_t(0)) continue;  // phase 2 skips the pair too
-            WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};
-            pair_argmax<acc_t, idx_t>(pair, acc_t(0.5) * g, arp + (i * Bv + j) * L, acp + (i * Bv + j) * F,
-                                      gwt_r + i * L, gwv_r + j * F, cb);
-          }
-        }
+  const AxpyFn<acc_t> axpy = pick_axpy<acc_t>();
+  acc_t* gtp = gt.mutable_data_ptr<acc_t>();
+  acc_t* gvp = gv.mutable_data_ptr<acc_t>();
+  // dL/dt of pair (i, j) from its arg-maxes: coefficients exactly as wti_pair_backward
+  auto add_dt = [&](int64_t i, int64_t j, acc_t hg) {
+    const idx_t* ar = arp + (i * Bv + j) * L;
+    const idx_t* ac = acp + (i * Bv + j) * F;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t a = ar[l];
+      const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
+      if (c != acc_t(0)) axpy(gtp + (i * L + l) * D, c, vp + (j * F + a) * D, D);
+    }
+    for (int64_t f = 0; f < F; ++f) {
+      const int64_t a = ac[f];
+      const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
+      if (c != acc_t(0)) axpy(gtp + (i * L + a) * D, c, vp + (j * F + f) * D, D);
+    }
+  };
+  auto do_task = [&](int64_t task, int64_t r, acc_t* gwt_r) {
+    acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
+    acc_t* cb = colbuf.mutable_data_ptr<acc_t>() + r * F;
+    const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
+    const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
+    at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
+    at::mm_out(S, t2.narrow(0, i0 * L, nt * L), v2.narrow(0, j0 * F, nv * F).t());
+    const acc_t* s = S.const_data_ptr<acc_t>();
+    const int64_t ld = nv * F;
+    for (int64_t ii = 0; ii < nt; ++ii) {
+      const int64_t i = i0 + ii;
+      for (int64_t jj = 0; jj < nv; ++jj) {
+        const int64_t j = j0 + jj;
+        const acc_t g = gp[i * Bv + j];
+        if (g == acc_t(0)) continue;  // the dL/dt and dL/dv passes skip the pair too
+        WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};
+        pair_argmax<acc_t, idx_t>(pair, acc_t(0.5) * g, arp + (i * Bv + j) * L, acp + (i * Bv + j) * F,
+                                  gwt_r + i * L, gwv_r + j * F, cb);
+        if (fused) add_dt(i, j, acc_t(0.5) * g);
       }
     }
-  });
-  gwt.view({Bt * L}).copy_(lwt.sum(0));
+  };
+  if (fused) {
+    // text blocks split among threads (at::parallel_for's static split: deterministic
+    // for a given thread count); gwt rows are owned, gwv is thread-local
+    at::parallel_for(0, nbt, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad;
+      // (clamped: a nested call runs inline on one thread whatever its number)
+      const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
+      for (int64_t tb = b0; tb < b1; ++tb)
+        for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb * nbv + vb, r, gwt.mutable_data_ptr<acc_t>());
+    });
+  } else {
+    at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
+      at::NoGradGuard no_grad;
+      for (int64_t r = rb; r < re; ++r)
+        for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task)
+          do_task(task, r, lwt.mutable_data_ptr<acc_t>() + r * Bt * L);
+    });
+    gwt.view({Bt * L}).copy_(lwt.sum(0));
+  }
   gwv.view({Bv * F}).copy_(lwv.sum(0));
   tiles = at::Tensor();
 
   // 2) dL/dt and dL/dv from the arg-maxes: each pair adds at most L + F scaled rows
   //    (c * v_jf to t's row l, c * t_il to v's row f), no dense dS. Texts are split
-  //    among threads for dT and videos for dV (each output row has one writer).
-  const AxpyFn<acc_t> axpy = pick_axpy<acc_t>();
-  acc_t* gtp = gt.mutable_data_ptr<acc_t>();
-  acc_t* gvp = gv.mutable_data_ptr<acc_t>();
+  //    among threads for dT (unless fused above) and videos for dV (one writer per row).
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(acc_t));
   const int64_t TB2 = std::max<int64_t>(1, (256 << 10) / (L * row_bytes));
   const int64_t VB2 = std::max<int64_t>(1, (256 << 10) / (F * row_bytes));
-  // coefficient of a pair's row max at token l (arg-max frame a) and column max at frame f
-  // (arg-max token a), exactly as wti_pair_backward
-  at::parallel_for(0, (Bt + TB2 - 1) / TB2, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t i0 = b0 * TB2; i0 < std::min(Bt, b1 * TB2); i0 += TB2) {
-      const int64_t i1 = std::min(Bt, i0 + TB2);
-      for (int64_t j0 = 0; j0 < Bv; j0 += VB2) {
-        const int64_t j1 = std::min(Bv, j0 + VB2);
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const acc_t g = gp[i * Bv + j];
-            if (g == acc_t(0)) continue;
-            const acc_t hg = acc_t(0.5) * g;
-            const idx_t* ar = arp + (i * Bv + j) * L;
-            const idx_t* ac = acp + (i * Bv + j) * F;
-            for (int64_t l = 0; l < L; ++l) {
-              const int64_t a = ar[l];
-              const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
-              if (c != acc_t(0)) axpy(gtp + (i * L + l) * D, c, vp + (j * F + a) * D, D);
+  if (!fused) {
+    at::parallel_for(0, (Bt + TB2 - 1) / TB2, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i0 = b0 * TB2; i0 < std::min(Bt, b1 * TB2); i0 += TB2) {
+        const int64_t i1 = std::min(Bt, i0 + TB2);
+        for (int64_t j0 = 0; j0 < Bv; j0 += VB2) {
+          const int64_t j1 = std::min(Bv, j0 + VB2);
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t j = j0; j < j1; ++j) {
+              const acc_t g = gp[i * Bv + j];
+              if (g != acc_t(0)) add_dt(i, j, acc_t(0.5) * g);
             }
-            for (int64_t f = 0; f < F; ++f) {
-              const int64_t a = ac[f];
-              const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
-              if (c != acc_t(0)) axpy(gtp + (i * L + a) * D, c, vp + (j * F + f) * D, D);
-            }
-          }
         }
       }
-    }
-  });
+    });
+  }
   at::parallel_for(0, (Bv + VB2 - 1) / VB2, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t j0 = b0 * VB2; j0 < std::min(Bv, b1 * VB2); j0 += VB2) {
       const int64_t j1 = std::min(Bv, j0 + VB2);
