@@ -170,20 +170,27 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   const AxpyFn<acc_t> axpy = pick_axpy<acc_t>();
   acc_t* gtp = gt.mutable_data_ptr<acc_t>();
   acc_t* gvp = gv.mutable_data_ptr<acc_t>();
-  // dL/dt of pair (i, j) from its arg-maxes: coefficients exactly as wti_pair_backward
-  auto add_dt = [&](int64_t i, int64_t j, acc_t hg) {
+  // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
+  // from its arg-maxes, coefficients exactly as wti_pair_backward: dL/dt_il += c v_jf and
+  // dL/dv_jf += c t_il. One walk serves the dL/dt and the dL/dv passes.
+  auto for_each_coef = [&](int64_t i, int64_t j, acc_t hg, auto&& visit) {
     const idx_t* ar = arp + (i * Bv + j) * L;
     const idx_t* ac = acp + (i * Bv + j) * F;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t a = ar[l];
       const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
-      if (c != acc_t(0)) axpy(gtp + (i * L + l) * D, c, vp + (j * F + a) * D, D);
+      if (c != acc_t(0)) visit(l, a, c);
     }
     for (int64_t f = 0; f < F; ++f) {
       const int64_t a = ac[f];
       const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
-      if (c != acc_t(0)) axpy(gtp + (i * L + a) * D, c, vp + (j * F + f) * D, D);
+      if (c != acc_t(0)) visit(a, f, c);
     }
+  };
+  auto add_dt = [&](int64_t i, int64_t j, acc_t hg) {
+    for_each_coef(i, j, hg, [&](int64_t l, int64_t f, acc_t c) {
+      axpy(gtp + (i * L + l) * D, c, vp + (j * F + f) * D, D);
+    });
   };
   auto do_task = [&](int64_t task, int64_t r, acc_t* gwt_r) {
     acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
@@ -259,19 +266,9 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
           for (int64_t i = i0; i < i1; ++i) {
             const acc_t g = gp[i * Bv + j];
             if (g == acc_t(0)) continue;
-            const acc_t hg = acc_t(0.5) * g;
-            const idx_t* ar = arp + (i * Bv + j) * L;
-            const idx_t* ac = acp + (i * Bv + j) * F;
-            for (int64_t l = 0; l < L; ++l) {
-              const int64_t a = ar[l];
-              const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
-              if (c != acc_t(0)) axpy(gvp + (j * F + a) * D, c, tp + (i * L + l) * D, D);
-            }
-            for (int64_t f = 0; f < F; ++f) {
-              const int64_t a = ac[f];
-              const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
-              if (c != acc_t(0)) axpy(gvp + (j * F + f) * D, c, tp + (i * L + a) * D, D);
-            }
+            for_each_coef(i, j, acc_t(0.5) * g, [&](int64_t l, int64_t f, acc_t c) {
+              axpy(gvp + (j * F + f) * D, c, tp + (i * L + l) * D, D);
+            });
           }
         }
       }
