@@ -57,6 +57,27 @@ size_t tile_smem_bytes(const TileShape& s) {
   return (size_t)(s.M + s.N) * k_ld<scalar_t>() * sizeof(scalar_t) + (size_t)s.M * (s.N + s_pad<scalar_t>()) * sizeof(acc_t);
 }
 
+// Stage one KC-wide slice [k0, k0 + KC) of the tile's text rows (As) and video rows (Bs)
+// into shared memory, zero-filled past the tile and past D. All threads participate.
+template <typename scalar_t, int KC, int LDK>
+__device__ __forceinline__ void stage_chunk(const scalar_t* __restrict__ tb, const scalar_t* __restrict__ vb,
+                                            scalar_t* As, scalar_t* Bs, const TileShape& s, int64_t rows_t,
+                                            int64_t rows_v, int64_t k0, int tid) {
+  for (int e = tid; e < (s.M + s.N) * KC; e += kThreads) {
+    const int row = e / KC, kk = e % KC;
+    const int64_t d = k0 + kk;
+    scalar_t x = scalar_t(0.0f);
+    if (row < s.M) {
+      if (row < rows_t && d < s.D) x = tb[row * s.D + d];
+      As[row * LDK + kk] = x;
+    } else {
+      const int r2 = row - s.M;
+      if (r2 < rows_v && d < s.D) x = vb[r2 * s.D + d];
+      Bs[r2 * LDK + kk] = x;
+    }
+  }
+}
+
 // kPrep = false: out[i, j] = s_ij. kPrep = true: per-pair arg-maxes and maxima.
 template <typename scalar_t, typename acc_t, bool kPrep>
 __global__ void __launch_bounds__(kThreads) wti_tile_kernel(
@@ -90,19 +111,7 @@ __global__ void __launch_bounds__(kThreads) wti_tile_kernel(
     for (int r = 0; r < kMaxFragsPerWarp; ++r) wmma::fill_fragment(acc[r], 0.0f);
     for (int64_t k0 = 0; k0 < s.D; k0 += KC) {
       __syncthreads();
-      for (int e = tid; e < (s.M + s.N) * KC; e += kThreads) {
-        const int row = e / KC, kk = e % KC;
-        const int64_t d = k0 + kk;
-        scalar_t x = scalar_t(0.0f);
-        if (row < s.M) {
-          if (row < rows_t && d < s.D) x = tb[row * s.D + d];
-          As[row * LDK + kk] = x;
-        } else {
-          const int r2 = row - s.M;
-          if (r2 < rows_v && d < s.D) x = vb[r2 * s.D + d];
-          Bs[r2 * LDK + kk] = x;
-        }
-      }
+      stage_chunk<scalar_t, KC, LDK>(tb, vb, As, Bs, s, rows_t, rows_v, k0, tid);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < KC; kk += 16) {
@@ -134,19 +143,7 @@ __global__ void __launch_bounds__(kThreads) wti_tile_kernel(
     for (int e = tid; e < s.M * ldS; e += kThreads) Ss[e] = acc_t(0);
     for (int64_t k0 = 0; k0 < s.D; k0 += KC) {
       __syncthreads();
-      for (int e = tid; e < (s.M + s.N) * KC; e += kThreads) {
-        const int row = e / KC, kk = e % KC;
-        const int64_t d = k0 + kk;
-        scalar_t x = scalar_t(0);
-        if (row < s.M) {
-          if (row < rows_t && d < s.D) x = tb[row * s.D + d];
-          As[row * LDK + kk] = x;
-        } else {
-          const int r2 = row - s.M;
-          if (r2 < rows_v && d < s.D) x = vb[r2 * s.D + d];
-          Bs[r2 * LDK + kk] = x;
-        }
-      }
+      stage_chunk<scalar_t, KC, LDK>(tb, vb, As, Bs, s, rows_t, rows_v, k0, tid);
       __syncthreads();
       for (int e = tid; e < s.M * s.N; e += kThreads) {  // each thread owns fixed entries
         const int m = e / s.N, n = e % s.N;
