@@ -34,12 +34,17 @@ CORRECTIONS = ("qbnorm", "dbnorm", "nnn", "csls", "dsl")
 # -- encoding -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, captions: Sequence[str], max_words: int, device, batch: int = 256):
-    """Prepared text tokens for WTI: (normalised tokens, mask, softmaxed weights)."""
+def encode_texts(model, dataset, caption_indices: Sequence[int] | None, device, batch: int = 256):
+    """Prepared text tokens for WTI (normalised tokens, mask, softmaxed weights) of the
+    captions ``caption_indices`` of ``dataset`` (all when None), from the token ids the
+    dataset already holds (no second tokenisation)."""
+    idx = list(range(len(dataset))) if caption_indices is None else list(caption_indices)
     ts, ms, ws = [], [], []
-    for i in range(0, len(captions), batch):
-        ids, mask = tokenizer(list(captions[i:i + batch]), max_words)
-        t, m = model.encode_text(ids.to(device), mask.to(device))
+    for i in range(0, len(idx), batch):
+        items = [dataset.text(c) for c in idx[i:i + batch]]
+        ids = torch.stack([it["text_ids"] for it in items]).to(device)
+        mask = torch.stack([it["text_mask"] for it in items]).to(device)
+        t, m = model.encode_text(ids, mask)
         t = t.float()
         ws.append(model.token_weights_text(t, m).float())
         ts.append(torch.nn.functional.normalize(t, dim=-1))
@@ -134,8 +139,7 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     device = dist_.device
     was_training = model.training
     model.eval()
-    tok = test_ds.tokenizer
-    texts = encode_texts(model, tok, test_ds.captions, cfg.max_words, device)
+    texts = encode_texts(model, test_ds, None, device)
     vids = encode_videos(model, test_ds, None, device, num_workers=cfg.num_workers)
     c2v = torch.as_tensor(test_ds.caption_to_video).tolist()
     n_t, n_v = len(c2v), test_ds.num_videos
@@ -175,8 +179,7 @@ def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targ
     g = torch.Generator().manual_seed(0)
     n_cap = len(bank_ds.captions)
     cap_idx = torch.randperm(n_cap, generator=g)[:bank_size].tolist()
-    bank_texts = encode_texts(model, bank_ds.tokenizer, [bank_ds.captions[i] for i in cap_idx],
-                              cfg.max_words, device)
+    bank_texts = encode_texts(model, bank_ds, cap_idx, device)
     vid_sel = torch.randperm(bank_ds.num_videos, generator=g)[:bank_size].tolist()
     bank_vids = encode_videos(model, bank_ds, vid_sel, device, num_workers=cfg.num_workers)
     n_t, n_v = len(texts[0]), len(vids[0])
