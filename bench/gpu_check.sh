@@ -94,7 +94,7 @@ if want bench; then
   step "benchmarks"
   # per script: "path|time limit (s)|extra arguments", most important first
   for spec in "bench/wti_similarity.py|90|" \
-              "bench/topk_centrality.py|120|--sizes 50000,200000 --time-cap 70" \
+              "bench/topk_centrality.py|160|--sizes 200000,1000000 --fp32-max 200000 --time-cap 110" \
               "bench/sinkhorn.py|60|" \
               "bench/memory_bank.py|40|" \
               "bench/train_step.py|90|--size vitb32 --batch 128 --repeats 3"; do
