@@ -286,6 +286,7 @@ def test_cuda_non_default_stream():
     require_ext("cuda")
     q, g = int_data(20, 3000, 8, "cuda", torch.float32)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # q, g were made on the default stream
     with torch.cuda.stream(stream):
         v, i, c, s = ops.topk_centrality(q, g, 30, backend="ext")
     stream.synchronize()

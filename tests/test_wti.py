@@ -309,6 +309,7 @@ def test_non_default_stream():
     args = make(6, 7, 9, 5, 32, device="cuda")
     want = ops.wti_similarity(*args, backend="torch")
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(s):
         got = ops.wti_similarity(*args, backend="ext")
     s.synchronize()

@@ -126,9 +126,14 @@ __global__ void column_reduce_kernel(const double* __restrict__ partial, int64_t
   sums[j] += acc;
 }
 
-__global__ void count_kernel(const int64_t* __restrict__ idx, int64_t n, unsigned long long* __restrict__ counts) {
+// Slots left at the sentinel index (a row whose similarities are all NaN, from fp32 overflow
+// of finite inputs) are not counted rather than written out of bounds.
+__global__ void count_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t G,
+                             unsigned long long* __restrict__ counts) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e < n) atomicAdd(counts + idx[e], 1ULL);
+  if (e >= n) return;
+  const int64_t i = idx[e];
+  if (i >= 0 && i < G) atomicAdd(counts + i, 1ULL);
 }
 
 }  // namespace topk_cuda
@@ -181,7 +186,7 @@ void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self
     }
     const int64_t ne = qn * k;
     count_kernel<<<static_cast<unsigned>((ne + 255) / 256), 256, 0, stream>>>(
-        ri, ne, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+        ri, ne, G, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
