@@ -61,7 +61,7 @@ __global__ void sinkhorn_fused_kernel(T* __restrict__ K, const T* __restrict__ l
                                       bool use_tol, T tol) {
   extern __shared__ unsigned char smem_raw[];
   T* Ks = reinterpret_cast<T*>(smem_raw);
-  const int ld = N + 1;
+  const int ld = N | 1;  // odd row stride: the column phase's lanes (rows i) hit distinct banks
   T* us = Ks + static_cast<int64_t>(M) * ld;
   T* vs = us + M;
   T* Rs = vs + N;
@@ -293,7 +293,7 @@ int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 template <typename T>
 size_t fused_smem_bytes(int64_t M, int64_t N) {
-  return static_cast<size_t>((M * (N + 1) + 2 * M + N) * static_cast<int64_t>(sizeof(T)));
+  return static_cast<size_t>((M * (N | 1) + 2 * M + N) * static_cast<int64_t>(sizeof(T)));
 }
 
 size_t max_smem_optin(int device) {
@@ -327,8 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = scalar_t;
     const T tol_v = use_tol ? static_cast<T>(*tol) : T(0);
     const size_t smem = fused_smem_bytes<T>(M, N);
-    if (smem <= max_smem_optin(scores.get_device())) {
-      auto kernel = sinkhorn_fused_kernel<T>;
+    auto kernel = sinkhorn_fused_kernel<T>;
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    if (smem + attr.sharedSizeBytes <= max_smem_optin(scores.get_device())) {  // dynamic + static
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
       const int threads = M * N >= 4096 ? 512 : 256;

@@ -254,6 +254,8 @@ void launch_tiles(const Prepared& p, const TileShape& s, at::Tensor out, at::Ten
   auto kernel = wti_tile_kernel<scalar_t, acc_t, kPrep>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = ((s.Bt + s.TB - 1) / s.TB) * ((s.Bv + s.VB - 1) / s.VB);
+  NBRETR_CHECK_ARG(blocks <= INT32_MAX, "wti_similarity", "too many (text, video) tiles (", blocks,
+                   ") for one launch; split the batch");
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
       p.t.const_data_ptr<scalar_t>(), p.v.const_data_ptr<scalar_t>(), p.mt.const_data_ptr<acc_t>(),
