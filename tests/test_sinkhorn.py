@@ -156,8 +156,9 @@ def test_tol_stops_each_problem_when_its_row_error_is_small(device, backend):
     _backend_ok(backend, device)
     B, M, N = 4, 10, 10
     # problems of increasing difficulty converge after different numbers of iterations
-    scores = torch.randn(B, M, N, device=device, dtype=torch.float64) * torch.tensor(
-        [0.1, 1.0, 3.0, 6.0], device=device, dtype=torch.float64)[:, None, None]
+    # (drawn on the CPU, so every device solves the same problems)
+    scores = (torch.randn(B, M, N, dtype=torch.float64)
+              * torch.tensor([0.1, 1.0, 3.0, 6.0], dtype=torch.float64)[:, None, None]).to(device)
     tol = 1e-6
     log_plan, u, v, iters = ops.sinkhorn_log(scores, n_iters=400, tol=tol, backend=backend)
     assert len(set(iters.tolist())) > 1 and (iters < 400).all() and (iters >= 1).all()
@@ -166,7 +167,10 @@ def test_tol_stops_each_problem_when_its_row_error_is_small(device, backend):
         t = int(iters[k])
         # outputs are exactly those of t iterations without tol
         full = ops.sinkhorn_log(scores[k:k + 1], n_iters=t, backend=backend)
-        torch.testing.assert_close(log_plan[k], full[0][0], rtol=0, atol=0)
+        # exact, except the torch path on CUDA, whose reductions may order a batch of 4
+        # differently from a batch of 1
+        exact = backend == "ext" or device == "cpu"
+        torch.testing.assert_close(log_plan[k], full[0][0], rtol=0 if exact else 1e-12, atol=0 if exact else 1e-12)
         err = (log_plan[k].exp().sum(1) - mu).abs().max()
         assert err < tol
         # and one iteration earlier the error was not yet under tol
