@@ -46,6 +46,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
   | tee -a "$OUT/gpu.txt"
 
 if want build; then
+  # The GPU image's default g++ (/opt/gcc) links libstdc++ statically, which CMakeLists.txt
+  # refuses (the module would crash on its first error message): use one that links it
+  # dynamically.
+  cxx=${CXX:-g++}
+  if [[ $($cxx -print-file-name=libstdc++.so) != /* ]]; then
+    for c in /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12; do
+      if [[ -x $c && $($c -print-file-name=libstdc++.so) == /* ]]; then
+        echo "$cxx has no shared libstdc++: building with $c"
+        export CXX=$c CUDAHOSTCXX=$c CC=${c/g++/gcc}
+        break
+      fi
+    done
+  fi
   # an interpreter without its C headers (no python3-dev): use a copy carried in .pyinc/
   inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   ver=$($PY -c "import sys; print(f'python{sys.version_info[0]}.{sys.version_info[1]}')")
