@@ -2,9 +2,11 @@
 over a [Bt, Bv, L, F] tensor). Forward and forward+backward at the training shapes
 (128 x 128 and 128 x 1,920 pairs, L=32, F=12, D=512) and the evaluation shape
 (1,000 x 1,000, forward only, no grad), fp32 and bf16. KERNELS.md targets: CPU >= 2x
-faster and >= 10x less peak memory; GPU >= 5x and >= 10x."""
+faster and >= 10x less peak memory; GPU >= 5x and >= 10x. On CUDA the extension's two
+implementations are timed: "ext" (tiled, the default) and "ext fused" (NBRETR_WTI_CUDA=fused)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def main() -> int:
     evals = [] if args.no_eval else ([(1000, 1000)] if not args.quick else [(64, 64)])
     gen = torch.Generator().manual_seed(0)
     results = []
-    impls = ["torch"] + (["ext"] if has_ext else [])
+    impls = ["torch"] + (["ext"] if has_ext else []) + (["ext fused"] if has_ext and dev.startswith("cuda") else [])
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         cases = [(bt, bv, True) for bt, bv in train] + [(bt, bv, False) for bt, bv in evals]
@@ -49,18 +51,23 @@ def main() -> int:
             if has_ext and bt * bv <= 128 * 1920:
                 up = [a.float() if a.is_floating_point() else a for a in (t, mt, wt, v, mv, wv)]
                 want = ops.wti_similarity(*up, backend="torch")
-                got = ops.wti_similarity(t, mt, wt, v, mv, wv, backend="ext")
-                tol = 1e-4 if dtype == torch.float32 else 3e-2
-                err = (got - want).abs().max().item()
-                assert err < tol, f"ext differs from the torch path by {err} at {bt}x{bv} {dtype_name}"
+                for name in impls[1:]:
+                    os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
+                    got = ops.wti_similarity(t, mt, wt, v, mv, wv, backend="ext")
+                    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    err = (got - want).abs().max().item()
+                    assert err < tol, f"{name} differs from the torch path by {err} at {bt}x{bv} {dtype_name}"
             params = dict(Bt=bt, Bv=bv, L=L, F=F, D=D, dtype=dtype_name)
             flop = 2.0 * bt * bv * L * F * D
-            for impl in impls:
+            for name in impls:
+                impl = "ext" if name.startswith("ext") else name
+                os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
+
                 def fwd(impl=impl):
                     with torch.no_grad():
                         return ops.wti_similarity(t, mt, wt, v, mv, wv, backend=impl)
 
-                results.append(_runner.run_case(f"fwd {bt}x{bv}", impl, params, fwd, dev, warmup=1,
+                results.append(_runner.run_case(f"fwd {bt}x{bv}", name, params, fwd, dev, warmup=1,
                                                 repeats=args.repeats, extra={"gflop": flop / 1e9}))
                 if with_grad:
                     tg, wtg, vg, wvg = (x.detach().clone().requires_grad_(True) for x in (t, wt, v, wv))
@@ -69,7 +76,7 @@ def main() -> int:
                         s = ops.wti_similarity(tg, mt, wtg, vg, mv, wvg, backend=impl)
                         torch.autograd.grad(s, (tg, wtg, vg, wvg), gout)
 
-                    results.append(_runner.run_case(f"fwd+bwd {bt}x{bv}", impl, params, fwd_bwd, dev, warmup=1,
+                    results.append(_runner.run_case(f"fwd+bwd {bt}x{bv}", name, params, fwd_bwd, dev, warmup=1,
                                                     repeats=args.repeats, extra={"gflop": 3 * flop / 1e9}))
         print(_runner.table([r for r in results if r.params["dtype"] == dtype_name], "torch",
                             f"wti_similarity ({dev}, {dtype_name}, L={L}, F={F}, D={D})"), flush=True)

@@ -31,6 +31,12 @@ TORCH_LIBRARY(nbretr, m) {
   // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
   m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
         "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Test hooks (CPU only): the CUDA backend's tiled driver (csrc/common/wti_tiled.h) run
+  // with a host loop per tile and the given tile size, so that the CPU tests check it.
+  m.def("_wti_tiled(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
+        "int tile_rows, int tile_cols) -> Tensor");
+  m.def("_wti_tiled_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
+        "Tensor v_weight, int tile_rows, int tile_cols) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // KERNELS.md 2, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
   // top-k (descending; ties: lower gallery index first); adds the k-occurrences into

@@ -314,3 +314,85 @@ def test_non_default_stream():
         got = ops.wti_similarity(*args, backend="ext")
     s.synchronize()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the CUDA backend's tiled driver (csrc/common/wti_tiled.h), checked on the CPU ------
+# torch.ops.nbretr._wti_tiled runs the driver's tiling, products and gradient algebra with
+# a host loop in place of its per-pair CUDA kernel; the per-pair step is the CPU kernel's.
+
+TILES = [(1, 1), (40, 30), (2048, 2048)]  # one pair per tile, partial tiles, one tile
+
+
+def _tiled_grads(args, gout, tile):
+    t, mt, wt, v, mv, wv = args
+    s = torch.ops.nbretr._wti_tiled(t, mt, wt, v, mv, wv, *tile)
+    return (s, *torch.ops.nbretr._wti_tiled_backward(gout, t, mt, wt, v, mv, wv, *tile))
+
+
+def _ext_grads(args, gout):
+    s = torch.ops.nbretr.wti_similarity(*args)
+    return (s, *torch.ops.nbretr.wti_similarity_backward(gout, *args))
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_driver_matches_cpu_kernel(shape, tile, dtype):
+    require_ext("cpu")
+    args = make(*shape, dtype=dtype)
+    gout = torch.randn(shape[:2], dtype=dtype if dtype == torch.float64 else torch.float32)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5)
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], _tiled_grads(args, gout, tile),
+                          _ext_grads(args, gout)):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_tiled_driver_ties_and_masks_exact(tile):
+    """Small-integer tokens, dyadic weights, integer upstream gradients: every product and
+    sum is exact whatever its order and ties abound, so the tiled driver must route each
+    max to the same (lowest) index as the CPU kernel, bit for bit."""
+    require_ext("cpu")
+    gen = torch.Generator().manual_seed(3)
+    t, mt, wt, v, mv, wv = make(7, 9, 6, 5, 4)
+    t = torch.randint(-2, 3, t.shape, generator=gen).float()
+    v = torch.randint(-2, 3, v.shape, generator=gen).float()
+    wt, wv = mt.float() * 0.25, mv.float() * 0.5
+    gout = torch.randint(-3, 4, (7, 9), generator=gen).float()
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], _tiled_grads((t, mt, wt, v, mv, wv), gout, tile),
+                          _ext_grads((t, mt, wt, v, mv, wv), gout)):
+        assert torch.equal(a, b), name
+    # masked tokens get no gradient
+    _, gt, _, gv, _ = _tiled_grads((t, mt, wt, v, mv, wv), gout, tile)
+    assert (gt[mt == 0] == 0).all() and (gv[mv == 0] == 0).all()
+
+
+def test_tiled_driver_half_inputs_and_errors():
+    require_ext("cpu")
+    args = make(6, 5, 7, 4, 16, dtype=torch.bfloat16)
+    gout = torch.randn(6, 5)
+    got, want = _tiled_grads(args, gout, (20, 10)), _ext_grads(args, gout)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="_wti_tiled: tile_rows and tile_cols must be >= 1, got 0 and 5"):
+        torch.ops.nbretr._wti_tiled(*args, 0, 5)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("impl", ["tiled", "fused"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 4, 16), (13, 2, 20, 77, 512), (40, 37, 9, 5, 8), (3, 200, 150, 12, 32)])
+def test_cuda_implementations(monkeypatch, impl, shape):
+    """Both CUDA implementations (NBRETR_WTI_CUDA=tiled, the default, or fused) against the
+    torch path; the fused one refuses L or F > 128 with its message."""
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_WTI_CUDA", impl)
+    args = make(*shape, device="cuda")
+    gout = torch.randn(shape[:2], device="cuda")
+    if impl == "fused" and max(shape[2], shape[3]) > 128:
+        with pytest.raises(RuntimeError, match="the CUDA kernel supports at most 128 tokens"):
+            ops.wti_similarity(*args, backend="ext")
+        return
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], _grads(args, "ext", gout), _grads(args, "torch", gout)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=name)

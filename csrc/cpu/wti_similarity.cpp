@@ -20,6 +20,7 @@
 
 #include "common/wti.h"
 #include "common/wti_checks.h"
+#include "common/wti_tiled.h"
 
 namespace nbretr {
 namespace {
@@ -302,11 +303,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
           gwv.to(v_weight.scalar_type())};
 }
 
+// ---- test hook: the GPU's tiled driver (csrc/common/wti_tiled.h) with a host loop in
+// place of its per-pair kernel, so that the CPU tests check its tiling and gradient algebra.
+
+struct HostLaunch {
+  template <typename acc_t>
+  void score(const WtiTileArgs<acc_t>& a, int64_t pairs) {
+    for (int64_t p = 0; p < pairs; ++p) wti_tile_score(a, p);
+  }
+  template <typename acc_t>
+  void backward(const WtiTileArgs<acc_t>& a, int64_t pairs) {
+    for (int64_t p = 0; p < pairs; ++p) wti_tile_backward(a, p);
+  }
+};
+
+void check_tile(int64_t tile_rows, int64_t tile_cols) {
+  NBRETR_CHECK_ARG(tile_rows >= 1 && tile_cols >= 1, "_wti_tiled", "tile_rows and tile_cols must be >= 1, got ",
+                   tile_rows, " and ", tile_cols);
+}
+
+at::Tensor wti_tiled_cpu(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+                         const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
+                         int64_t tile_rows, int64_t tile_cols) {
+  const WtiDims d = check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight, c10::DeviceType::CPU);
+  check_tile(tile_rows, tile_cols);
+  at::NoGradGuard no_grad;
+  HostLaunch launch;
+  return wti_tiled_forward(t, t_mask, t_weight, v, v_mask, v_weight, d, tile_rows, tile_cols, false, launch);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_tiled_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+    const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight, int64_t tile_rows,
+    int64_t tile_cols) {
+  const WtiDims d = check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight, c10::DeviceType::CPU);
+  check_wti_grad(grad, d, t);
+  check_tile(tile_rows, tile_cols);
+  at::NoGradGuard no_grad;
+  HostLaunch launch;
+  return wti_tiled_backward(grad, t, t_mask, t_weight, v, v_mask, v_weight, d, tile_rows, tile_cols, false,
+                            launch);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nbretr, CPU, m) {
   m.impl("wti_similarity", &wti_similarity_cpu);
   m.impl("wti_similarity_backward", &wti_similarity_backward_cpu);
+  m.impl("_wti_tiled", &wti_tiled_cpu);
+  m.impl("_wti_tiled_backward", &wti_tiled_backward_cpu);
 }
 
 }  // namespace nbretr

@@ -1,17 +1,25 @@
-// wti_similarity, CUDA (never run on the machine that wrote it: compiled for sm_80/sm_90).
+// wti_similarity, CUDA. Two implementations; NBRETR_WTI_CUDA picks one per call.
 //
-// Forward: one block per (text block, video block) tile. The tile's texts' tokens
+// "tiled" (the default): the driver of csrc/common/wti_tiled.h. Each tile of raw dot
+// products (up to kTiledRows x kTiledCols entries) is one cuBLAS product (fp16/bf16 with
+// an fp32 output), and one thread per pair runs the max-and-weigh step of
+// csrc/common/wti.h; the backward recomputes the tile, writes each pair's arg-max
+// coefficients into a dS tile and takes dt, dv from two more products. Any L, F. Written
+// after the first GPU run showed the fused kernel at 0.1-0.3x the torch path; its driver
+// and per-pair step are tested on the CPU (`_wti_tiled`); this launcher has not run yet.
+//
+// "fused": one block per (text block, video block) tile. The tile's texts' tokens
 // (M = roundup16(nt*L) <= 128 rows) and videos' frames (N = roundup16(nv*F) <= 128 rows)
 // are staged through shared memory in K-chunks; the raw dot products accumulate in a
 // shared [M, N] float tile, on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulators)
 // for fp16/bf16 and with scalar FMAs for fp32/fp64. Then one thread per pair runs the
-// max-and-weigh step of csrc/common/wti.h on its [L, F] sub-block. No [Bt, Bv, L, F]
-// buffer exists anywhere.
+// max-and-weigh step on its [L, F] sub-block. Its backward: the same tile kernel
+// recomputes S and writes, per pair, only the arg-maxes (int16, [Bt,Bv,L] and [Bt,Bv,F])
+// and the maxima (for the weight gradients, two bmm's); a gather kernel then builds dt
+// (one block per text token, over all videos) and, with the roles swapped, dv. Correct on
+// an H200 (bench/RESULTS.md) but slow there; L, F <= 128.
 //
-// Backward: the same tile kernel recomputes S and writes, per pair, only the arg-maxes
-// (int16, [Bt,Bv,L] and [Bt,Bv,F]) and the maxima (for the weight gradients, two bmm's);
-// a gather kernel then builds dt (one block per text token, over all videos) and,
-// with the roles swapped, dv. Nothing is saved by the forward.
+// Neither saves anything in the forward, and no [Bt, Bv, L, F] buffer exists anywhere.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,6 +33,11 @@
 
 #include "common/wti.h"
 #include "common/wti_checks.h"
+#include "common/wti_tiled.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <torch/version.h>
 
 namespace nbretr {
 namespace {
@@ -266,11 +279,64 @@ void launch_tiles(const Prepared& p, const TileShape& s, at::Tensor out, at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- "tiled" -------------------------------------------------------------------------
+
+constexpr int64_t kTiledRows = 2048, kTiledCols = 2048;  // S and dS tiles of 16 MiB (fp32)
+constexpr int kPairThreads = 128;
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+constexpr bool kHalfMm = true;  // mm(out_dtype=float32) for fp16/bf16 tiles
+#else
+constexpr bool kHalfMm = false;
+#endif
+
+template <typename acc_t>
+__global__ void wti_tiled_score_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p < pairs) wti_tile_score(a, p);
+}
+
+template <typename acc_t>
+__global__ void wti_tiled_backward_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p < pairs) wti_tile_backward(a, p);
+}
+
+struct CudaPairLaunch {
+  cudaStream_t stream;
+  static unsigned blocks(int64_t pairs) { return static_cast<unsigned>((pairs + kPairThreads - 1) / kPairThreads); }
+  template <typename acc_t>
+  void score(const WtiTileArgs<acc_t>& a, int64_t pairs) {
+    wti_tiled_score_kernel<acc_t><<<blocks(pairs), kPairThreads, 0, stream>>>(a, pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename acc_t>
+  void backward(const WtiTileArgs<acc_t>& a, int64_t pairs) {
+    wti_tiled_backward_kernel<acc_t><<<blocks(pairs), kPairThreads, 0, stream>>>(a, pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+bool use_fused() {
+  const char* impl = std::getenv("NBRETR_WTI_CUDA");
+  if (impl == nullptr || impl[0] == '\0' || std::strcmp(impl, "tiled") == 0) return false;
+  NBRETR_CHECK_ARG(std::strcmp(impl, "fused") == 0, "wti_similarity",
+                   "NBRETR_WTI_CUDA must be 'tiled' or 'fused', got '", impl, "'");
+  return true;
+}
+
+// ---- registrations ---------------------------------------------------------------------
+
 at::Tensor wti_similarity_cuda(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
                                const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight) {
   const WtiDims d = check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight, c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(t.device());
   const auto acc = wti_acc_type(t.scalar_type());
+  if (!use_fused()) {
+    at::NoGradGuard no_grad;
+    CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
+    return wti_tiled_forward(t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols, kHalfMm, launch);
+  }
   auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(acc));
   if (d.Bt == 0 || d.Bv == 0) return out;
   const TileShape s = tile_shape(d);
@@ -290,6 +356,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   check_wti_grad(grad, d, t);
   c10::cuda::CUDAGuard guard(t.device());
   at::NoGradGuard no_grad;
+  if (!use_fused()) {
+    CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
+    return wti_tiled_backward(grad, t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols, kHalfMm,
+                              launch);
+  }
   const auto acc = wti_acc_type(t.scalar_type());
   if (d.Bt == 0 || d.Bv == 0 || d.D == 0) {
     return {at::zeros_like(t, at::MemoryFormat::Contiguous), at::zeros_like(t_weight, at::MemoryFormat::Contiguous),

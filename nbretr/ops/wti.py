@@ -57,11 +57,6 @@ def check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight) -> tuple[int, int, 
     return t.shape[0], v.shape[0], t.shape[1], v.shape[1], t.shape[2]
 
 
-#: The CUDA kernel's limit on L and F (csrc/cuda/wti_similarity.cu kMaxTile); with the
-#: default backend, longer sequences on a GPU take the torch path.
-CUDA_MAX_TOKENS = 128
-
-
 def wti_similarity(t: torch.Tensor, t_mask: torch.Tensor, t_weight: torch.Tensor, v: torch.Tensor,
                    v_mask: torch.Tensor, v_weight: torch.Tensor, *,
                    backend: _backend.Backend | None = None) -> torch.Tensor:
@@ -87,8 +82,6 @@ def wti_similarity(t: torch.Tensor, t_mask: torch.Tensor, t_weight: torch.Tensor
     The torch path is the reference's einsum formulation in the tokens' dtype.
     """
     check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight)
-    if t.is_cuda and backend in (None, "auto") and max(t.shape[1], v.shape[1]) > CUDA_MAX_TOKENS:
-        backend = "torch"  # the CUDA kernel's tiles hold at most 128 tokens or frames
     if _backend.resolve(_OP, backend, t.device) == "ext":
         return torch.ops.nbretr.wti_similarity(t, t_mask, t_weight, v, v_mask, v_weight)
     return _ref.wti_similarity(t, t_mask, t_weight, v, v_mask, v_weight)

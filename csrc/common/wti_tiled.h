@@ -1,0 +1,182 @@
+// The tiled driver of wti_similarity on the GPU: every tile of raw dot products
+// S = t_block @ v_block^T ([nt*L, nv*F], accumulation dtype) is one library matrix
+// product (cuBLAS through at::mm_out), and one thread per (text, video) pair of the tile
+// runs the max-and-weigh step of csrc/common/wti.h on its [L, F] block of S.
+//
+//   forward:  out[i, j] = wti_pair_score(pair)
+//   backward: per tile, recompute S; each pair writes its weight gradients (rw, cw) and
+//             adds its arg-max coefficients into dS (its own [L, F] block: no races, the
+//             row and column max of one entry add up in one thread); then
+//             dt_block += dS @ v_block and dv_block += dS^T @ t_block (two more products),
+//             d t_weight += rw summed over the tile's videos, d v_weight likewise.
+//
+// Memory: one S tile (and one dS tile in the backward) of at most tile_rows x tile_cols
+// entries, never [Bt, Bv, L, F]. The per-pair step is the CPU kernel's; the launcher
+// (a CUDA kernel, or a host loop for the CPU test hook `_wti_tiled`) only maps pair p of a
+// tile to (text i0 + p / nv, video j0 + p % nv).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "common/macros.h"
+#include "common/wti.h"
+#include "common/wti_checks.h"
+
+namespace nbretr {
+
+template <typename acc_t>
+struct WtiTileArgs {
+  const acc_t* S;  // the tile [nt * L, nv * F], row stride ld = nv * F
+  int64_t ld, i0, nt, j0, nv, L, F, Bv;
+  const acc_t *mt, *mv, *wt, *wv;  // masks and weights of all texts [Bt, L] / videos [Bv, F]
+  const acc_t* g;                  // backward: upstream gradient [Bt, Bv]
+  acc_t* out;                      // forward: similarities [Bt, Bv]
+  acc_t *dS, *rw, *cw;             // backward: dS like S (zeroed), rw [nt, nv, L], cw [nt, nv, F]
+};
+
+template <typename acc_t>
+NBRETR_HD WtiPair<acc_t> wti_tile_pair(const WtiTileArgs<acc_t>& a, int64_t p) {
+  const int64_t ii = p / a.nv, jj = p % a.nv, i = a.i0 + ii, j = a.j0 + jj;
+  return {a.S + ii * a.L * a.ld + jj * a.F, a.ld, a.mt + i * a.L, a.mv + j * a.F, a.wt + i * a.L,
+          a.wv + j * a.F, a.L, a.F};
+}
+
+template <typename acc_t>
+NBRETR_HD void wti_tile_score(const WtiTileArgs<acc_t>& a, int64_t p) {
+  const int64_t i = a.i0 + p / a.nv, j = a.j0 + p % a.nv;
+  a.out[i * a.Bv + j] = wti_pair_score(wti_tile_pair(a, p));
+}
+
+// Callbacks of wti_pair_backward for pair p of a tile (functors, usable in device code).
+template <typename acc_t>
+struct WtiStore {
+  acc_t* dst;
+  NBRETR_HD void operator()(int64_t k, acc_t x) const { dst[k] = x; }
+};
+template <typename acc_t>
+struct WtiAddEntry {
+  acc_t* dS;  // the pair's [L, F] block of dS
+  int64_t ld;
+  NBRETR_HD void operator()(int64_t l, int64_t f, acc_t c) const { dS[l * ld + f] += c; }
+};
+
+template <typename acc_t>
+NBRETR_HD void wti_tile_backward(const WtiTileArgs<acc_t>& a, int64_t p) {
+  const int64_t ii = p / a.nv, jj = p % a.nv, i = a.i0 + ii, j = a.j0 + jj;
+  wti_pair_backward(wti_tile_pair(a, p), a.g[i * a.Bv + j], WtiStore<acc_t>{a.rw + p * a.L},
+                    WtiStore<acc_t>{a.cw + p * a.F}, WtiAddEntry<acc_t>{a.dS + ii * a.L * a.ld + jj * a.F, a.ld});
+}
+
+// ---- host driver ---------------------------------------------------------------------
+
+struct WtiTiling {
+  int64_t TB, VB;  // texts and videos per tile
+};
+
+inline WtiTiling wti_tiling(const WtiDims& d, int64_t tile_rows, int64_t tile_cols) {
+  return {std::max<int64_t>(1, std::min<int64_t>(tile_rows / d.L, d.Bt)),
+          std::max<int64_t>(1, std::min<int64_t>(tile_cols / d.F, d.Bv))};
+}
+
+// S = a @ b^T into S (accumulation dtype). Half inputs: with out_dtype where the caller
+// says the backend has it (CUDA, torch >= 2.9), else the inputs were upcast beforehand.
+inline void wti_tile_mm(at::Tensor& S, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != S.scalar_type()) {
+    at::mm_out(S, a, b.t(), S.scalar_type());
+  } else {
+    at::mm_out(S, a, b.t());
+  }
+}
+
+// Launch: struct with template <typename acc_t> void score(const WtiTileArgs<acc_t>&, int64_t pairs)
+// and backward(const WtiTileArgs<acc_t>&, int64_t pairs). half_mm: the GEMM may take fp16/bf16
+// inputs with an fp32 output (else t and v are upcast first).
+template <typename Launch>
+at::Tensor wti_tiled_forward(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+                             const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
+                             const WtiDims& d, int64_t tile_rows, int64_t tile_cols, bool half_mm, Launch& launch) {
+  const auto acc = wti_acc_type(t.scalar_type());
+  auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(acc));
+  if (d.Bt == 0 || d.Bv == 0) return out;
+  const auto mm_dtype = half_mm ? t.scalar_type() : acc;
+  const auto t2 = t.to(mm_dtype).contiguous().view({d.Bt * d.L, d.D});
+  const auto v2 = v.to(mm_dtype).contiguous().view({d.Bv * d.F, d.D});
+  const auto mt = t_mask.to(acc).contiguous(), mv = v_mask.to(acc).contiguous();
+  const auto wt = t_weight.to(acc).contiguous(), wv = v_weight.to(acc).contiguous();
+  const WtiTiling tl = wti_tiling(d, tile_rows, tile_cols);
+  auto buf = at::empty({tl.TB * d.L * tl.VB * d.F}, t.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "wti_tiled_forward", [&] {
+    for (int64_t i0 = 0; i0 < d.Bt; i0 += tl.TB) {
+      for (int64_t j0 = 0; j0 < d.Bv; j0 += tl.VB) {
+        const int64_t nt = std::min(tl.TB, d.Bt - i0), nv = std::min(tl.VB, d.Bv - j0);
+        at::Tensor S = buf.narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
+        wti_tile_mm(S, t2.narrow(0, i0 * d.L, nt * d.L), v2.narrow(0, j0 * d.F, nv * d.F));
+        WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), nv * d.F, i0, nt, j0, nv, d.L, d.F, d.Bv,
+                                mt.const_data_ptr<scalar_t>(), mv.const_data_ptr<scalar_t>(),
+                                wt.const_data_ptr<scalar_t>(), wv.const_data_ptr<scalar_t>(), nullptr,
+                                out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
+        launch.template score<scalar_t>(a, nt * nv);
+      }
+    }
+  });
+  return out;
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_tiled_backward(
+    const at::Tensor& grad, const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+    const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight, const WtiDims& d, int64_t tile_rows,
+    int64_t tile_cols, bool half_mm, Launch& launch) {
+  const auto acc = wti_acc_type(t.scalar_type());
+  if (d.Bt == 0 || d.Bv == 0 || d.D == 0) {
+    return {at::zeros_like(t, at::MemoryFormat::Contiguous), at::zeros_like(t_weight, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous), at::zeros_like(v_weight, at::MemoryFormat::Contiguous)};
+  }
+  const auto mm_dtype = half_mm ? t.scalar_type() : acc;
+  const auto t2 = t.to(mm_dtype).contiguous().view({d.Bt * d.L, d.D});
+  const auto v2 = v.to(mm_dtype).contiguous().view({d.Bv * d.F, d.D});
+  // the gradient products run in the accumulation dtype (dS is not rounded to fp16/bf16)
+  const auto t2a = t2.to(acc), v2a = v2.to(acc);
+  const auto mt = t_mask.to(acc).contiguous(), mv = v_mask.to(acc).contiguous();
+  const auto wt = t_weight.to(acc).contiguous(), wv = v_weight.to(acc).contiguous();
+  const auto g = grad.to(acc).contiguous();
+  auto gt = at::zeros({d.Bt * d.L, d.D}, t.options().dtype(acc));
+  auto gv = at::zeros({d.Bv * d.F, d.D}, t.options().dtype(acc));
+  auto gwt = at::zeros({d.Bt, d.L}, t.options().dtype(acc));
+  auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
+  const WtiTiling tl = wti_tiling(d, tile_rows, tile_cols);
+  auto sbuf = at::empty({tl.TB * d.L * tl.VB * d.F}, t.options().dtype(acc));
+  auto dbuf = at::empty_like(sbuf);
+  auto rwbuf = at::empty({tl.TB * tl.VB * d.L}, t.options().dtype(acc));
+  auto cwbuf = at::empty({tl.TB * tl.VB * d.F}, t.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "wti_tiled_backward", [&] {
+    for (int64_t i0 = 0; i0 < d.Bt; i0 += tl.TB) {
+      for (int64_t j0 = 0; j0 < d.Bv; j0 += tl.VB) {
+        const int64_t nt = std::min(tl.TB, d.Bt - i0), nv = std::min(tl.VB, d.Bv - j0);
+        const int64_t rows = nt * d.L, cols = nv * d.F;
+        at::Tensor S = sbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        at::Tensor dS = dbuf.narrow(0, 0, rows * cols).view({rows, cols});
+        at::Tensor rw = rwbuf.narrow(0, 0, nt * nv * d.L).view({nt, nv, d.L});
+        at::Tensor cw = cwbuf.narrow(0, 0, nt * nv * d.F).view({nt, nv, d.F});
+        wti_tile_mm(S, t2.narrow(0, i0 * d.L, rows), v2.narrow(0, j0 * d.F, cols));
+        dS.zero_();
+        WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), cols, i0, nt, j0, nv, d.L, d.F, d.Bv,
+                                mt.const_data_ptr<scalar_t>(), mv.const_data_ptr<scalar_t>(),
+                                wt.const_data_ptr<scalar_t>(), wv.const_data_ptr<scalar_t>(),
+                                g.const_data_ptr<scalar_t>(), nullptr, dS.mutable_data_ptr<scalar_t>(),
+                                rw.mutable_data_ptr<scalar_t>(), cw.mutable_data_ptr<scalar_t>()};
+        launch.template backward<scalar_t>(a, nt * nv);
+        gt.narrow(0, i0 * d.L, rows).addmm_(dS, v2a.narrow(0, j0 * d.F, cols));
+        gv.narrow(0, j0 * d.F, cols).addmm_(dS.t(), t2a.narrow(0, i0 * d.L, rows));
+        gwt.narrow(0, i0, nt).add_(rw.sum(1));
+        gwv.narrow(0, j0, nv).add_(cw.sum(0));
+      }
+    }
+  });
+  return {gt.view({d.Bt, d.L, d.D}).to(t.scalar_type()), gwt.to(t_weight.scalar_type()),
+          gv.view({d.Bv, d.F, d.D}).to(v.scalar_type()), gwv.to(v_weight.scalar_type())};
+}
+
+}  // namespace nbretr
