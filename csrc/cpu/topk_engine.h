@@ -13,6 +13,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -31,6 +35,46 @@ __attribute__((target_clones("avx2", "default")))
 inline void accumulate_row(const float* __restrict row, double* __restrict part, int64_t n) {
   for (int64_t j = 0; j < n; ++j) part[j] += static_cast<double>(row[j]);
 }
+
+// The first j in [j0, n) with row[j] > thr, or n: the filter that almost every similarity
+// fails once a row's list is full. GCC leaves the plain loop scalar (one compare and
+// branch per element), so on x86-64 it is written with SSE2 (always there) and AVX2
+// (picked at run time) compares: 16 values and one movemask per step.
+inline int64_t first_above_tail(const float* __restrict row, int64_t j, int64_t n, float thr) {
+  for (; j < n; ++j) {
+    if (row[j] > thr) return j;
+  }
+  return n;
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) inline int64_t first_above_avx2(const float* __restrict row, int64_t j, int64_t n,
+                                                                 float thr) {
+  const __m256 t = _mm256_set1_ps(thr);
+  for (; j + 16 <= n; j += 16) {
+    const __m256 a = _mm256_cmp_ps(_mm256_loadu_ps(row + j), t, _CMP_GT_OQ);
+    const __m256 b = _mm256_cmp_ps(_mm256_loadu_ps(row + j + 8), t, _CMP_GT_OQ);
+    if (_mm256_movemask_ps(_mm256_or_ps(a, b))) break;
+  }
+  return first_above_tail(row, j, n, thr);
+}
+inline int64_t first_above_sse2(const float* __restrict row, int64_t j, int64_t n, float thr) {
+  const __m128 t = _mm_set1_ps(thr);
+  for (; j + 16 <= n; j += 16) {
+    const __m128 a = _mm_or_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j), t), _mm_cmpgt_ps(_mm_loadu_ps(row + j + 4), t));
+    const __m128 b = _mm_or_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + j + 8), t), _mm_cmpgt_ps(_mm_loadu_ps(row + j + 12), t));
+    if (_mm_movemask_ps(_mm_or_ps(a, b))) break;
+  }
+  return first_above_tail(row, j, n, thr);
+}
+inline int64_t first_above(const float* __restrict row, int64_t j, int64_t n, float thr) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2 ? first_above_avx2(row, j, n, thr) : first_above_sse2(row, j, n, thr);
+}
+#else
+inline int64_t first_above(const float* __restrict row, int64_t j, int64_t n, float thr) {
+  return first_above_tail(row, j, n, thr);
+}
+#endif
 
 struct TopkCpuTiling {
   int64_t q_chunk = 1024;  // query rows per chunk (running lists for these rows stay live)
@@ -92,11 +136,14 @@ inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, int64_t g
   buf.clear();
 }
 
+constexpr int kDirectInsertMaxK = 256;
+
 // Merges one tile row (gn similarities of gallery items g0..) into the running list
 // (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
 // the list (tiles arrive in gallery order), so once the list is full a candidate can
 // enter iff its value is strictly greater than the k-th value: one compare per element.
-// Candidates passing it are buffered and merged max(2k, 32) at a time (select + sort +
+// For k <= kDirectInsertMaxK a candidate passing it is inserted in place at once;
+// for larger k candidates are buffered and merged max(2k, 32) at a time (select + sort +
 // merge), which raises the threshold; a row costs O(gn + k log k · log(gn / k)).
 inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
                            int64_t* idx, int* n, int k, RowScratch& s) {
@@ -108,26 +155,39 @@ inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t sel
     buf.push_back(pack_candidate(row[j], j));
     if (buf.size() == cap) flush_candidates(vals, idx, n, k, g0, s);
   }
-  if (*n == k) {  // full (and buf empty): filter by the k-th value
+  if (*n == k && k <= kDirectInsertMaxK) {
+    // full, small k: insert each candidate in place (it beats the k-th, and its index
+    // exceeds every listed one, so it goes below the entries of equal value), which
+    // raises the threshold at once; -0.0 is stored as +0.0, as pack_candidate does
     float thr = vals[k - 1];
-    auto consider = [&](int64_t jj) {
-      if (row[jj] > thr && jj != self_col) {
-        buf.push_back(pack_candidate(row[jj], jj));
-        if (buf.size() == cap) {
-          flush_candidates(vals, idx, n, k, g0, s);
-          thr = vals[k - 1];
+    for (j = first_above(row, j, gn, thr); j < gn; j = first_above(row, j + 1, gn, thr)) {
+      if (j == self_col) continue;
+      const float v = row[j] + 0.0f;
+      int lo = 0, hi = k - 1;  // first entry below v (vals[k - 1] < v): binary search
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (vals[mid] < v) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
         }
       }
-    };
-    constexpr int64_t kScan = 16;  // branch-free (vectorisable) test of 16 values at a time
-    for (; j + kScan <= gn; j += kScan) {
-      int hit = 0;
-      for (int64_t t = 0; t < kScan; ++t) hit |= row[j + t] > thr;
-      if (hit) {
-        for (int64_t t = 0; t < kScan; ++t) consider(j + t);
+      std::memmove(vals + lo + 1, vals + lo, sizeof(float) * (k - 1 - lo));
+      std::memmove(idx + lo + 1, idx + lo, sizeof(int64_t) * (k - 1 - lo));
+      vals[lo] = v;
+      idx[lo] = g0 + j;
+      thr = vals[k - 1];
+    }
+  } else if (*n == k) {  // full (and buf empty): filter by the k-th value, merge in batches
+    float thr = vals[k - 1];
+    for (j = first_above(row, j, gn, thr); j < gn; j = first_above(row, j + 1, gn, thr)) {
+      if (j == self_col) continue;
+      buf.push_back(pack_candidate(row[j], j));
+      if (buf.size() == cap) {
+        flush_candidates(vals, idx, n, k, g0, s);
+        thr = vals[k - 1];
       }
     }
-    for (; j < gn; ++j) consider(j);
   }
   flush_candidates(vals, idx, n, k, g0, s);
 }
