@@ -185,6 +185,21 @@ def test_empty_inputs(device, backend):
         assert v.grad.shape == v.shape and (v.grad == 0).all()
 
 
+def test_zero_width_tokens(device):
+    """D = 0: every dot product is 0, so s = 0 and every gradient is 0 (no division by the
+    row size anywhere)."""
+    require_ext(device)
+    t, mt, wt, v, mv, wv = make(3, 4, 5, 6, 8, device=device)
+    t, v = t[..., :0].contiguous(), v[..., :0].contiguous()
+    gout = torch.randn(3, 4, device=device)
+    got = _grads((t, mt, wt, v, mv, wv), "ext", gout)
+    assert (got[0] == 0).all() and got[1].shape == t.shape and got[3].shape == v.shape
+    assert all((g == 0).all() for g in got[2:] if g is not None)
+    if device == "cpu":
+        for a in _tiled_grads((t, mt, wt, v, mv, wv), gout, (16, 16)):
+            assert (a == 0).all()
+
+
 def test_non_contiguous_inputs(device):
     require_ext(device)
     t, mt, wt, v, mv, wv = make(5, 6, 7, 4, 10, device=device)

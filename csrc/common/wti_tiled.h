@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common/macros.h"
+#include "common/torch_compat.h"
 #include "common/wti.h"
 #include "common/wti_checks.h"
 
@@ -75,16 +76,26 @@ struct WtiTiling {
   int64_t TB, VB;  // texts and videos per tile
 };
 
+// About tile_rows text tokens by tile_cols video frames per tile; when one side has fewer
+// (a few queries against many videos, say), the other side takes the rest of the
+// tile_rows * tile_cols budget, so that small batches still make few, large products.
 inline WtiTiling wti_tiling(const WtiDims& d, int64_t tile_rows, int64_t tile_cols) {
-  return {std::max<int64_t>(1, std::min<int64_t>(tile_rows / d.L, d.Bt)),
-          std::max<int64_t>(1, std::min<int64_t>(tile_cols / d.F, d.Bv))};
+  const int64_t budget = tile_rows * tile_cols;
+  const auto clamp = [](int64_t x, int64_t hi) { return std::max<int64_t>(1, std::min(x, hi)); };
+  const int64_t tb = clamp(tile_rows / d.L, d.Bt);
+  const int64_t vb = clamp(budget / (tb * d.L * d.F), d.Bv);
+  return {clamp(budget / (vb * d.F * d.L), d.Bt), vb};
 }
 
 // S = a @ b^T into S (accumulation dtype). Half inputs: with out_dtype where the caller
 // says the backend has it (CUDA, torch >= 2.9), else the inputs were upcast beforehand.
 inline void wti_tile_mm(at::Tensor& S, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != S.scalar_type()) {
+#if NBRETR_HAS_MM_OUT_DTYPE
     at::mm_out(S, a, b.t(), S.scalar_type());
+#else
+    TORCH_CHECK(false, "nbretr.wti_similarity: fp16/bf16 tiles need torch >= 2.9 (mm with out_dtype)");
+#endif
   } else {
     at::mm_out(S, a, b.t());
   }

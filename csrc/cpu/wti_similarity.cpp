@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   auto gv = at::zeros({d.Bv, d.F, d.D}, t.options().dtype(acc));
   auto gwt = at::zeros({d.Bt, d.L}, t.options().dtype(acc));
   auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
-  if (d.Bt > 0 && d.Bv > 0) {
+  if (d.Bt > 0 && d.Bv > 0 && d.D > 0) {  // D == 0: every gradient is 0
     const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
     const at::Tensor g = grad.to(acc).contiguous();
     const bool small = std::max(d.L, d.F) <= 256;

@@ -4,18 +4,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <tuple>
 
 #include "common/topk_checks.h"
+#include "common/torch_compat.h"
 #include "cuda/topk_engine.cuh"
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-#define NBRETR_HAS_MM_OUT_DTYPE 1
-#else
-#define NBRETR_HAS_MM_OUT_DTYPE 0
-#endif
 
 namespace nbretr {
 namespace {

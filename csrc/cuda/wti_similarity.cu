@@ -37,7 +37,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <torch/version.h>
 
 namespace nbretr {
 namespace {
@@ -282,13 +281,8 @@ void launch_tiles(const Prepared& p, const TileShape& s, at::Tensor out, at::Ten
 // ---- "tiled" -------------------------------------------------------------------------
 
 constexpr int64_t kTiledRows = 2048, kTiledCols = 2048;  // S and dS tiles of 16 MiB (fp32)
-constexpr int kPairThreads = 128;
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-constexpr bool kHalfMm = true;  // mm(out_dtype=float32) for fp16/bf16 tiles
-#else
-constexpr bool kHalfMm = false;
-#endif
+constexpr int kPairThreads = 64;  // small blocks: a tile may hold only a few hundred pairs
+constexpr bool kHalfMm = NBRETR_HAS_MM_OUT_DTYPE;  // mm(out_dtype=float32) for fp16/bf16 tiles
 
 template <typename acc_t>
 __global__ void wti_tiled_score_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
