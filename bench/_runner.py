@@ -58,14 +58,16 @@ def sync(device: str) -> None:
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> float:
     """Peak bytes of CPU tensor memory live during one call of ``fn``, reconstructed from
-    the profiler's allocation events (allocations minus frees, in time order)."""
+    the profiler's memory records in time order: each op's *self* allocations (an op's
+    total includes its children's, so summing totals counts a nested allocation once per
+    enclosing op) and the frees, which the profiler reports as "[memory]" events."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return float(peak)
 
