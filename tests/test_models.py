@@ -344,7 +344,7 @@ def test_autocast_cuda(dtype):
 
 
 def test_forward_ext_matches_torch():
-    require_ext_ops("wti_similarity", "topk_centrality", "sinkhorn_log")
+    require_ext_ops("wti_similarity", "topk_centrality_dot", "sinkhorn_log")
     torch.manual_seed(0)
     for centrality in ("mean", "knn"):
         model = NeighborRetr(NeighborRetrConfig(**SMALL, num_neighbors=5, centrality=centrality)).train()
@@ -360,8 +360,12 @@ def test_forward_ext_matches_torch():
                        {n: p.grad.clone() for n, p in model.named_parameters()})
         for k, v in res["torch"][0].items():
             torch.testing.assert_close(res["ext"][0][k], v, rtol=1e-5, atol=1e-6)
+        # fp32 gradients through the whole model, summed in different orders by the two
+        # paths: compared relative to the largest gradient (some are zero up to rounding,
+        # e.g. attention key biases)
+        scale = max(float(g.abs().max()) for g in res["torch"][1].values())
         for n, g in res["torch"][1].items():
-            torch.testing.assert_close(res["ext"][1][n], g, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(res["ext"][1][n], g, rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 @pytest.mark.parametrize("detach", [False, True])
