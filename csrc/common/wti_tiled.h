@@ -101,6 +101,38 @@ inline void wti_tile_mm(at::Tensor& S, const at::Tensor& a, const at::Tensor& b)
   }
 }
 
+// The driver's inputs: t and v as [Bt*L, D] / [Bv*F, D] rows in the product's dtype (the
+// inputs' own fp16/bf16 where half_mm, else the accumulation dtype), masks and weights in
+// the accumulation dtype, and the tiling.
+struct WtiTiledInputs {
+  at::ScalarType acc;
+  at::Tensor t2, v2, mt, mv, wt, wv;
+  WtiTiling tl;
+};
+
+inline WtiTiledInputs wti_tiled_inputs(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+                                       const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
+                                       const WtiDims& d, int64_t tile_rows, int64_t tile_cols, bool half_mm) {
+  const auto acc = wti_acc_type(t.scalar_type());
+  const auto mm_dtype = half_mm ? t.scalar_type() : acc;
+  return {acc,
+          t.to(mm_dtype).contiguous().view({d.Bt * d.L, d.D}),
+          v.to(mm_dtype).contiguous().view({d.Bv * d.F, d.D}),
+          t_mask.to(acc).contiguous(),
+          v_mask.to(acc).contiguous(),
+          t_weight.to(acc).contiguous(),
+          v_weight.to(acc).contiguous(),
+          wti_tiling(d, tile_rows, tile_cols)};
+}
+
+// Calls fn(i0, nt, j0, nv) for every tile, texts outer.
+template <typename Fn>
+void wti_for_each_tile(const WtiDims& d, const WtiTiling& tl, Fn&& fn) {
+  for (int64_t i0 = 0; i0 < d.Bt; i0 += tl.TB) {
+    for (int64_t j0 = 0; j0 < d.Bv; j0 += tl.VB) fn(i0, std::min(tl.TB, d.Bt - i0), j0, std::min(tl.VB, d.Bv - j0));
+  }
+}
+
 // Launch: struct with template <typename acc_t> void score(const WtiTileArgs<acc_t>&, int64_t pairs)
 // and backward(const WtiTileArgs<acc_t>&, int64_t pairs). half_mm: the GEMM may take fp16/bf16
 // inputs with an fp32 output (else t and v are upcast first).
@@ -108,29 +140,20 @@ template <typename Launch>
 at::Tensor wti_tiled_forward(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
                              const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
                              const WtiDims& d, int64_t tile_rows, int64_t tile_cols, bool half_mm, Launch& launch) {
-  const auto acc = wti_acc_type(t.scalar_type());
-  auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(acc));
+  auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(wti_acc_type(t.scalar_type())));
   if (d.Bt == 0 || d.Bv == 0) return out;
-  const auto mm_dtype = half_mm ? t.scalar_type() : acc;
-  const auto t2 = t.to(mm_dtype).contiguous().view({d.Bt * d.L, d.D});
-  const auto v2 = v.to(mm_dtype).contiguous().view({d.Bv * d.F, d.D});
-  const auto mt = t_mask.to(acc).contiguous(), mv = v_mask.to(acc).contiguous();
-  const auto wt = t_weight.to(acc).contiguous(), wv = v_weight.to(acc).contiguous();
-  const WtiTiling tl = wti_tiling(d, tile_rows, tile_cols);
-  auto buf = at::empty({tl.TB * d.L * tl.VB * d.F}, t.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "wti_tiled_forward", [&] {
-    for (int64_t i0 = 0; i0 < d.Bt; i0 += tl.TB) {
-      for (int64_t j0 = 0; j0 < d.Bv; j0 += tl.VB) {
-        const int64_t nt = std::min(tl.TB, d.Bt - i0), nv = std::min(tl.VB, d.Bv - j0);
-        at::Tensor S = buf.narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
-        wti_tile_mm(S, t2.narrow(0, i0 * d.L, nt * d.L), v2.narrow(0, j0 * d.F, nv * d.F));
-        WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), nv * d.F, i0, nt, j0, nv, d.L, d.F, d.Bv,
-                                mt.const_data_ptr<scalar_t>(), mv.const_data_ptr<scalar_t>(),
-                                wt.const_data_ptr<scalar_t>(), wv.const_data_ptr<scalar_t>(), nullptr,
-                                out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
-        launch.template score<scalar_t>(a, nt * nv);
-      }
-    }
+  const WtiTiledInputs in = wti_tiled_inputs(t, t_mask, t_weight, v, v_mask, v_weight, d, tile_rows, tile_cols, half_mm);
+  auto buf = at::empty({in.tl.TB * d.L * in.tl.VB * d.F}, t.options().dtype(in.acc));
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "wti_tiled_forward", [&] {
+    wti_for_each_tile(d, in.tl, [&](int64_t i0, int64_t nt, int64_t j0, int64_t nv) {
+      at::Tensor S = buf.narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
+      wti_tile_mm(S, in.t2.narrow(0, i0 * d.L, nt * d.L), in.v2.narrow(0, j0 * d.F, nv * d.F));
+      WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), nv * d.F, i0, nt, j0, nv, d.L, d.F, d.Bv,
+                              in.mt.const_data_ptr<scalar_t>(), in.mv.const_data_ptr<scalar_t>(),
+                              in.wt.const_data_ptr<scalar_t>(), in.wv.const_data_ptr<scalar_t>(), nullptr,
+                              out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
+      launch.template score<scalar_t>(a, nt * nv);
+    });
   });
   return out;
 }
@@ -140,51 +163,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_tiled_backward(
     const at::Tensor& grad, const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
     const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight, const WtiDims& d, int64_t tile_rows,
     int64_t tile_cols, bool half_mm, Launch& launch) {
-  const auto acc = wti_acc_type(t.scalar_type());
   if (d.Bt == 0 || d.Bv == 0 || d.D == 0) {
     return {at::zeros_like(t, at::MemoryFormat::Contiguous), at::zeros_like(t_weight, at::MemoryFormat::Contiguous),
             at::zeros_like(v, at::MemoryFormat::Contiguous), at::zeros_like(v_weight, at::MemoryFormat::Contiguous)};
   }
-  const auto mm_dtype = half_mm ? t.scalar_type() : acc;
-  const auto t2 = t.to(mm_dtype).contiguous().view({d.Bt * d.L, d.D});
-  const auto v2 = v.to(mm_dtype).contiguous().view({d.Bv * d.F, d.D});
+  const WtiTiledInputs in = wti_tiled_inputs(t, t_mask, t_weight, v, v_mask, v_weight, d, tile_rows, tile_cols, half_mm);
+  const auto opts = t.options().dtype(in.acc);
   // the gradient products run in the accumulation dtype (dS is not rounded to fp16/bf16)
-  const auto t2a = t2.to(acc), v2a = v2.to(acc);
-  const auto mt = t_mask.to(acc).contiguous(), mv = v_mask.to(acc).contiguous();
-  const auto wt = t_weight.to(acc).contiguous(), wv = v_weight.to(acc).contiguous();
-  const auto g = grad.to(acc).contiguous();
-  auto gt = at::zeros({d.Bt * d.L, d.D}, t.options().dtype(acc));
-  auto gv = at::zeros({d.Bv * d.F, d.D}, t.options().dtype(acc));
-  auto gwt = at::zeros({d.Bt, d.L}, t.options().dtype(acc));
-  auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
-  const WtiTiling tl = wti_tiling(d, tile_rows, tile_cols);
-  auto sbuf = at::empty({tl.TB * d.L * tl.VB * d.F}, t.options().dtype(acc));
-  auto dbuf = at::empty_like(sbuf);
-  auto rwbuf = at::empty({tl.TB * tl.VB * d.L}, t.options().dtype(acc));
-  auto cwbuf = at::empty({tl.TB * tl.VB * d.F}, t.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "wti_tiled_backward", [&] {
-    for (int64_t i0 = 0; i0 < d.Bt; i0 += tl.TB) {
-      for (int64_t j0 = 0; j0 < d.Bv; j0 += tl.VB) {
-        const int64_t nt = std::min(tl.TB, d.Bt - i0), nv = std::min(tl.VB, d.Bv - j0);
-        const int64_t rows = nt * d.L, cols = nv * d.F;
-        at::Tensor S = sbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        at::Tensor dS = dbuf.narrow(0, 0, rows * cols).view({rows, cols});
-        at::Tensor rw = rwbuf.narrow(0, 0, nt * nv * d.L).view({nt, nv, d.L});
-        at::Tensor cw = cwbuf.narrow(0, 0, nt * nv * d.F).view({nt, nv, d.F});
-        wti_tile_mm(S, t2.narrow(0, i0 * d.L, rows), v2.narrow(0, j0 * d.F, cols));
-        dS.zero_();
-        WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), cols, i0, nt, j0, nv, d.L, d.F, d.Bv,
-                                mt.const_data_ptr<scalar_t>(), mv.const_data_ptr<scalar_t>(),
-                                wt.const_data_ptr<scalar_t>(), wv.const_data_ptr<scalar_t>(),
-                                g.const_data_ptr<scalar_t>(), nullptr, dS.mutable_data_ptr<scalar_t>(),
-                                rw.mutable_data_ptr<scalar_t>(), cw.mutable_data_ptr<scalar_t>()};
-        launch.template backward<scalar_t>(a, nt * nv);
-        gt.narrow(0, i0 * d.L, rows).addmm_(dS, v2a.narrow(0, j0 * d.F, cols));
-        gv.narrow(0, j0 * d.F, cols).addmm_(dS.t(), t2a.narrow(0, i0 * d.L, rows));
-        gwt.narrow(0, i0, nt).add_(rw.sum(1));
-        gwv.narrow(0, j0, nv).add_(cw.sum(0));
-      }
-    }
+  const auto t2a = in.t2.to(in.acc), v2a = in.v2.to(in.acc);
+  const auto g = grad.to(in.acc).contiguous();
+  auto gt = at::zeros({d.Bt * d.L, d.D}, opts), gv = at::zeros({d.Bv * d.F, d.D}, opts);
+  auto gwt = at::zeros({d.Bt, d.L}, opts), gwv = at::zeros({d.Bv, d.F}, opts);
+  const int64_t TB = in.tl.TB, VB = in.tl.VB;
+  auto sbuf = at::empty({TB * d.L * VB * d.F}, opts), dbuf = at::empty_like(sbuf);
+  auto rwbuf = at::empty({TB * VB * d.L}, opts), cwbuf = at::empty({TB * VB * d.F}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "wti_tiled_backward", [&] {
+    wti_for_each_tile(d, in.tl, [&](int64_t i0, int64_t nt, int64_t j0, int64_t nv) {
+      const int64_t rows = nt * d.L, cols = nv * d.F;
+      at::Tensor S = sbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      at::Tensor dS = dbuf.narrow(0, 0, rows * cols).view({rows, cols});
+      at::Tensor rw = rwbuf.narrow(0, 0, nt * nv * d.L).view({nt, nv, d.L});
+      at::Tensor cw = cwbuf.narrow(0, 0, nt * nv * d.F).view({nt, nv, d.F});
+      wti_tile_mm(S, in.t2.narrow(0, i0 * d.L, rows), in.v2.narrow(0, j0 * d.F, cols));
+      dS.zero_();
+      WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), cols, i0, nt, j0, nv, d.L, d.F, d.Bv,
+                              in.mt.const_data_ptr<scalar_t>(), in.mv.const_data_ptr<scalar_t>(),
+                              in.wt.const_data_ptr<scalar_t>(), in.wv.const_data_ptr<scalar_t>(),
+                              g.const_data_ptr<scalar_t>(), nullptr, dS.mutable_data_ptr<scalar_t>(),
+                              rw.mutable_data_ptr<scalar_t>(), cw.mutable_data_ptr<scalar_t>()};
+      launch.template backward<scalar_t>(a, nt * nv);
+      gt.narrow(0, i0 * d.L, rows).addmm_(dS, v2a.narrow(0, j0 * d.F, cols));
+      gv.narrow(0, j0 * d.F, cols).addmm_(dS.t(), t2a.narrow(0, i0 * d.L, rows));
+      gwt.narrow(0, i0, nt).add_(rw.sum(1));
+      gwv.narrow(0, j0, nv).add_(cw.sum(0));
+    });
   });
   return {gt.view({d.Bt, d.L, d.D}).to(t.scalar_type()), gwt.to(t_weight.scalar_type()),
           gv.view({d.Bv, d.F, d.D}).to(v.scalar_type()), gwv.to(v_weight.scalar_type())};

@@ -138,13 +138,31 @@ inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, int64_t g
 
 constexpr int kDirectInsertMaxK = 256;
 
+// Puts (v, i) into a full descending list of k entries whose last value is below v,
+// dropping the last: below the entries of equal value, since i exceeds every listed index.
+inline void insert_full(float* vals, int64_t* idx, int k, float v, int64_t i) {
+  int lo = 0, hi = k - 1;  // the first entry below v: binary search
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (vals[mid] < v) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  std::memmove(vals + lo + 1, vals + lo, sizeof(float) * (k - 1 - lo));
+  std::memmove(idx + lo + 1, idx + lo, sizeof(int64_t) * (k - 1 - lo));
+  vals[lo] = v;
+  idx[lo] = i;
+}
+
 // Merges one tile row (gn similarities of gallery items g0..) into the running list
 // (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
 // the list (tiles arrive in gallery order), so once the list is full a candidate can
 // enter iff its value is strictly greater than the k-th value: one compare per element.
 // For k <= kDirectInsertMaxK a candidate passing it is inserted in place at once;
 // for larger k candidates are buffered and merged max(2k, 32) at a time (select + sort +
-// merge), which raises the threshold; a row costs O(gn + k log k · log(gn / k)).
+// merge). Either way the threshold rises; a row costs O(gn + k log k · log(gn / k)).
 inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
                            int64_t* idx, int* n, int k, RowScratch& s) {
   auto& buf = s.buf;
@@ -155,38 +173,19 @@ inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t sel
     buf.push_back(pack_candidate(row[j], j));
     if (buf.size() == cap) flush_candidates(vals, idx, n, k, g0, s);
   }
-  if (*n == k && k <= kDirectInsertMaxK) {
-    // full, small k: insert each candidate in place (it beats the k-th, and its index
-    // exceeds every listed one, so it goes below the entries of equal value), which
-    // raises the threshold at once; -0.0 is stored as +0.0, as pack_candidate does
+  if (*n == k) {  // full (and buf empty): filter by the k-th value
+    const bool direct = k <= kDirectInsertMaxK;
     float thr = vals[k - 1];
     for (j = first_above(row, j, gn, thr); j < gn; j = first_above(row, j + 1, gn, thr)) {
       if (j == self_col) continue;
-      const float v = row[j] + 0.0f;
-      int lo = 0, hi = k - 1;  // first entry below v (vals[k - 1] < v): binary search
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (vals[mid] < v) {
-          hi = mid;
-        } else {
-          lo = mid + 1;
-        }
-      }
-      std::memmove(vals + lo + 1, vals + lo, sizeof(float) * (k - 1 - lo));
-      std::memmove(idx + lo + 1, idx + lo, sizeof(int64_t) * (k - 1 - lo));
-      vals[lo] = v;
-      idx[lo] = g0 + j;
-      thr = vals[k - 1];
-    }
-  } else if (*n == k) {  // full (and buf empty): filter by the k-th value, merge in batches
-    float thr = vals[k - 1];
-    for (j = first_above(row, j, gn, thr); j < gn; j = first_above(row, j + 1, gn, thr)) {
-      if (j == self_col) continue;
-      buf.push_back(pack_candidate(row[j], j));
-      if (buf.size() == cap) {
+      if (direct) {
+        insert_full(vals, idx, k, row[j] + 0.0f, g0 + j);  // -0.0 stored as +0.0, as pack_candidate does
+      } else {
+        buf.push_back(pack_candidate(row[j], j));
+        if (buf.size() < cap) continue;
         flush_candidates(vals, idx, n, k, g0, s);
-        thr = vals[k - 1];
       }
+      thr = vals[k - 1];
     }
   }
   flush_candidates(vals, idx, n, k, g0, s);
