@@ -163,6 +163,8 @@ def table(results: list[Result], baseline_impl: str, title: str) -> str:
 
 
 def write_json(results: list[Result], out: str | os.PathLike | None, bench: str) -> Path | None:
+    """Write the results to ``out`` (a folder, then ``<bench>.json`` in it, or a .json file)
+    and print where; nothing without ``out``."""
     if not out:
         return None
     path = Path(out)
@@ -173,6 +175,7 @@ def write_json(results: list[Result], out: str | os.PathLike | None, bench: str)
     payload = {"bench": bench, "machine": machine(), "torch": torch.__version__, "commit": git_commit(),
                "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
     path.write_text(json.dumps(payload, indent=1, default=float))
+    print(f"wrote {path}")
     return path
 
 

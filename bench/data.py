@@ -105,9 +105,7 @@ def main() -> int:
     print(f"embedded dataset ({size}) ready in {build_s:.1f} s")
     print(f"{'case':<22} {'size':>5} {'clips':>6} {'workers':>8} {'epoch s':>8} {'frames/s':>12} {'clips/s':>9}")
     print("\n".join(lines))
-    path = _runner.write_json(results, args.out, "data")
-    if path:
-        print(f"wrote {path}")
+    _runner.write_json(results, args.out, "data")
     return 0
 
 

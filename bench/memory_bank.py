@@ -67,9 +67,7 @@ def main() -> int:
             results.append(_runner.run_case("bank update", f"ring_push[{backend}]", params, push, dev,
                                             repeats=args.repeats))
     print(_runner.table(results, "cat+slice", f"memory bank update ({dev}, {args.dtype})"))
-    path = _runner.write_json(results, args.out, "memory_bank")
-    if path:
-        print(f"wrote {path}")
+    _runner.write_json(results, args.out, "memory_bank")
     return 0
 
 

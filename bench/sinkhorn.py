@@ -76,9 +76,7 @@ def main() -> int:
             results.append(_runner.run_case("forward+backward", impl, params, fwd_bwd, dev, warmup=warm,
                                             repeats=reps, memory=not (big and dev == "cpu")))
     print(_runner.table(results, "torch", f"sinkhorn_log ({dev}, float32, {args.iters} iterations)"))
-    path = _runner.write_json(results, args.out, "sinkhorn")
-    if path:
-        print(f"wrote {path}")
+    _runner.write_json(results, args.out, "sinkhorn")
     return 0
 
 

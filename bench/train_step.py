@@ -104,9 +104,7 @@ def main() -> int:
         results.append(_runner.run_case("full step fwd+bwd", backend, fparams, step, dev, repeats=max(2, args.repeats // 2),
                                         warmup=1))
     print(_runner.table(results, "torch", f"training step ({dev}, {args.size})"))
-    path = _runner.write_json(results, args.out, f"train_step_{args.size}")
-    if path:
-        print(f"wrote {path}")
+    _runner.write_json(results, args.out, f"train_step_{args.size}")
     return 0
 
 

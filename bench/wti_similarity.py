@@ -27,6 +27,13 @@ def make_side(B, L, D, dtype, device, gen):
     return x, m.long().to(device), w
 
 
+def select(name: str) -> str:
+    """The backend for a timed implementation ("torch", "ext", "ext fused"); the two CUDA
+    implementations of the extension are chosen by NBRETR_WTI_CUDA."""
+    os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
+    return "ext" if name.startswith("ext") else name
+
+
 def main() -> int:
     p = _runner.arg_parser(__doc__)
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -52,16 +59,14 @@ def main() -> int:
                 up = [a.float() if a.is_floating_point() else a for a in (t, mt, wt, v, mv, wv)]
                 want = ops.wti_similarity(*up, backend="torch")
                 for name in impls[1:]:
-                    os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
-                    got = ops.wti_similarity(t, mt, wt, v, mv, wv, backend="ext")
+                    got = ops.wti_similarity(t, mt, wt, v, mv, wv, backend=select(name))
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
                     err = (got - want).abs().max().item()
                     assert err < tol, f"{name} differs from the torch path by {err} at {bt}x{bv} {dtype_name}"
             params = dict(Bt=bt, Bv=bv, L=L, F=F, D=D, dtype=dtype_name)
             flop = 2.0 * bt * bv * L * F * D
             for name in impls:
-                impl = "ext" if name.startswith("ext") else name
-                os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
+                impl = select(name)
 
                 def fwd(impl=impl):
                     with torch.no_grad():
@@ -80,9 +85,7 @@ def main() -> int:
                                                     repeats=args.repeats, extra={"gflop": 3 * flop / 1e9}))
         print(_runner.table([r for r in results if r.params["dtype"] == dtype_name], "torch",
                             f"wti_similarity ({dev}, {dtype_name}, L={L}, F={F}, D={D})"), flush=True)
-    path = _runner.write_json(results, args.out, "wti_similarity")
-    if path:
-        print(f"wrote {path}")
+    _runner.write_json(results, args.out, "wti_similarity")
     return 0
 
 
