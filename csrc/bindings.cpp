@@ -2,6 +2,8 @@
 // kernel files); it exposes the facts of the build.
 #include <pybind11/pybind11.h>
 
+#include "common/cpu_isa.h"
+
 #ifndef NBRETR_WITH_CUDA
 #define NBRETR_WITH_CUDA 0
 #endif
@@ -12,4 +14,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("torch_version") = NBRETR_TORCH_VERSION;
   m.attr("cuda_version") = NBRETR_CUDA_VERSION;
   m.attr("cuda_archs") = NBRETR_CUDA_ARCHS;
+  m.def("cpu_isa_level", &nbretr::cpu_isa_level,
+        "x86 vector extensions the CPU kernels use: 2 AVX-512, 1 AVX2+FMA, 0 baseline "
+        "(NBRETR_CPU_ISA=avx512|avx2|base caps it)");
 }

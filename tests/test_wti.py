@@ -167,6 +167,40 @@ def test_ties_go_to_lowest_index(backend):
     torch.testing.assert_close(v.grad[0, 0], torch.tensor([0.6, 0.8]))
 
 
+def _scan_max(row):
+    """The kernels' max: a scan keeping the first entry unless a later one is greater
+    (so a NaN in front is kept and later NaNs are skipped)."""
+    best = row[0]
+    for x in row[1:]:
+        if x > best:
+            best = x
+    return best
+
+
+@pytest.mark.parametrize("F", [5, 20])  # the CPU kernel's vector path (F <= 16) and its scan
+def test_nan_rows_follow_the_scan(F):
+    """A NaN token: the CPU kernel's vectorised max must hand such pairs to the scan, whose
+    weight gradients d a_t[l] = sum_j g_ij / 2 max_f S[l, f] (and d a_v alike) are checked
+    here against a Python scan, NaN for NaN."""
+    require_ext("cpu")
+    t, mt, wt, v, mv, wv = make(3, 4, 6, F, 8)
+    t[1, 2] = float("nan")  # text 1, token 2: its rows of S are all NaN
+    v[2, 3] = float("nan")  # video 2, frame 3: inside every row of S (skipped by the scan)
+    gout = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    _, gwt, _, gwv = torch.ops.nbretr.wti_similarity_backward(gout, t, mt, wt, v, mv, wv)
+    want_wt, want_wv = torch.zeros(3, 6), torch.zeros(4, F)
+    for i in range(3):
+        for j in range(4):
+            S = (t[i] @ v[j].T) * mt[i, :, None] * mv[j, None, :]
+            for l in range(6):
+                want_wt[i, l] += 0.5 * gout[i, j] * _scan_max(S[l].tolist())
+            for f in range(F):
+                want_wv[j, f] += 0.5 * gout[i, j] * _scan_max(S[:, f].tolist())
+    assert gwt.isnan().sum() == 1 and gwv.isnan().sum() == 1  # token (1, 2) and frame (2, 3)
+    torch.testing.assert_close(gwt, want_wt, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(gwv, want_wv, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_inputs(device, backend):
     _backend_ok(backend, device)

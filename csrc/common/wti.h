@@ -35,10 +35,9 @@ NBRETR_HD void wti_row_max(const WtiPair<acc_t>& p, int64_t l, acc_t& best, int6
   arg = 0;
   for (int64_t f = 1; f < p.F; ++f) {
     const acc_t x = p.s(l, f);
-    if (x > best) {
-      best = x;
-      arg = f;
-    }
+    const bool gt = x > best;  // a select, not a branch: random data mispredicts
+    best = gt ? x : best;
+    arg = gt ? f : arg;
   }
 }
 
@@ -49,10 +48,9 @@ NBRETR_HD void wti_col_max(const WtiPair<acc_t>& p, int64_t f, acc_t& best, int6
   arg = 0;
   for (int64_t l = 1; l < p.L; ++l) {
     const acc_t x = p.s(l, f);
-    if (x > best) {
-      best = x;
-      arg = l;
-    }
+    const bool gt = x > best;  // a select, not a branch: random data mispredicts
+    best = gt ? x : best;
+    arg = gt ? l : arg;
   }
 }
 

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/sinkhorn.h"
 #include "common/sinkhorn_checks.h"
 
@@ -145,25 +146,9 @@ SK_FLOAT_KERNELS(base, __attribute__((noinline)))
 #ifdef SK_X86_DISPATCH
 SK_FLOAT_KERNELS(avx2, SK_AVX2)
 SK_FLOAT_KERNELS(avx512, SK_AVX512)
-// 2: AVX-512, 1: AVX2+FMA, 0: baseline. NBRETR_SINKHORN_ISA=avx2|base caps it (tests run
-// every build on one machine that way).
-int isa_level() {
-  int level = 0;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    level = 1;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-      level = 2;
-  }
-  if (const char* cap = std::getenv("NBRETR_SINKHORN_ISA")) {
-    if (std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
-    if (std::strcmp(cap, "base") == 0) level = 0;
-  }
-  return level;
-}
-const int kIsa = isa_level();
+// the widest build the CPU runs (csrc/common/cpu_isa.h; NBRETR_CPU_ISA caps it)
 #define SK_PICK(fn, ...) \
-  (kIsa == 2 ? fn##_avx512(__VA_ARGS__) : kIsa == 1 ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
+  (cpu_isa_level() == 2 ? fn##_avx512(__VA_ARGS__) : cpu_isa_level() == 1 ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
 #else
 #define SK_PICK(fn, ...) fn##_base(__VA_ARGS__)
 #endif

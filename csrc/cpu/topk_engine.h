@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/topk.h"
 
 namespace nbretr {
@@ -39,7 +40,7 @@ inline void accumulate_row(const float* __restrict row, double* __restrict part,
 // The first j in [j0, n) with row[j] > thr, or n: the filter that almost every similarity
 // fails once a row's list is full. GCC leaves the plain loop scalar (one compare and
 // branch per element), so on x86-64 it is written with SSE2 (always there) and AVX2
-// (picked at run time) compares: 16 values and one movemask per step.
+// (picked at run time, csrc/common/cpu_isa.h) compares: 16 values and one movemask per step.
 inline int64_t first_above_tail(const float* __restrict row, int64_t j, int64_t n, float thr) {
   for (; j < n; ++j) {
     if (row[j] > thr) return j;
@@ -67,8 +68,7 @@ inline int64_t first_above_sse2(const float* __restrict row, int64_t j, int64_t 
   return first_above_tail(row, j, n, thr);
 }
 inline int64_t first_above(const float* __restrict row, int64_t j, int64_t n, float thr) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return avx2 ? first_above_avx2(row, j, n, thr) : first_above_sse2(row, j, n, thr);
+  return cpu_isa_level() >= 1 ? first_above_avx2(row, j, n, thr) : first_above_sse2(row, j, n, thr);
 }
 #else
 inline int64_t first_above(const float* __restrict row, int64_t j, int64_t n, float thr) {

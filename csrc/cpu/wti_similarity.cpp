@@ -7,17 +7,28 @@
 // Backward: one GEMM recompute per tile (tasks split among threads as in the forward)
 // stores every pair's arg-maxes ([Bt, Bv, L] and [Bt, Bv, F], uint8 while L, F <= 256,
 // else int32) and the weight gradients (run-local, summed in run order). dL/dt and dL/dv
-// are then sparse row sums: each pair adds at most L + F scaled rows (c * v_jf to t's row l,
-// c * t_il to v's row f), threads split the texts for dL/dt and the videos for dL/dv (one
-// writer per output row, no atomics, deterministic for a given thread count); no dense dS.
+// are sparse row sums: each pair has at most L + F nonzero coefficients c (c * v_jf to t's
+// row l, c * t_il to v's row f). They are collected per block of pairs, bucketed by the row
+// they add to, and each row is updated once per block with its sum held in registers
+// (RowSums). Threads split the texts for dL/dt and the videos for dL/dv (one writer per
+// output row, no atomics, deterministic for a given thread count); no dense dS.
+//
+// Float kernels have AVX-512 and AVX2 builds picked at run time (csrc/common/cpu_isa.h):
+// the per-pair maxes (F <= 16, AVX-512) and the row sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/wti.h"
 #include "common/wti_checks.h"
 #include "common/wti_tiled.h"
@@ -37,6 +48,80 @@ Prepared prepare(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor
   const auto acc = wti_acc_type(t.scalar_type());
   return {t.to(acc).contiguous(),        t_mask.to(acc).contiguous(), t_weight.to(acc).contiguous(),
           v.to(acc).contiguous(),        v_mask.to(acc).contiguous(), v_weight.to(acc).contiguous()};
+}
+
+// The maxes of one pair and their arg-maxes: row l's (over frames) at best[l], arg[l],
+// column f's (over text tokens) at best[L + f], arg[L + f]; the values and the tie rule
+// of wti_row_max / wti_col_max (a scan keeping the first of equal values).
+template <typename acc_t>
+void pair_max_scan(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
+  for (int64_t l = 0; l < p.L; ++l) {
+    int64_t a;
+    wti_row_max(p, l, best[l], a);
+    arg[l] = static_cast<int32_t>(a);
+  }
+  acc_t* cb = best + p.L;
+  int32_t* ca = arg + p.L;
+  for (int64_t f = 0; f < p.F; ++f) {
+    cb[f] = p.s(0, f);
+    ca[f] = 0;
+  }
+  for (int64_t l = 1; l < p.L; ++l)
+    for (int64_t f = 0; f < p.F; ++f) {
+      const acc_t x = p.s(l, f);
+      const bool gt = x > cb[f];  // a select, not a branch
+      cb[f] = gt ? x : cb[f];
+      ca[f] = gt ? static_cast<int32_t>(l) : ca[f];
+    }
+}
+
+#if defined(__x86_64__)
+// The same for a float pair with F <= 16 frames: one masked AVX-512 vector per text token
+// (S[l, f] * m_t[l] * m_v[f] rounded as in the scan); columns by compare-and-blend, a row
+// by a max reduction and the first lane equal to it. Returns false, leaving the pair to
+// the scan, when a row holds a NaN (the scan skips a NaN after the first entry and keeps
+// one in front; the reduction would not).
+__attribute__((target("avx512f"), noinline)) bool pair_max_avx512(const WtiPair<float>& p, float* best,
+                                                                  int32_t* arg) {
+  const __mmask16 m = static_cast<__mmask16>((1u << p.F) - 1);
+  const __m512 mv = _mm512_maskz_loadu_ps(m, p.mv);
+  __m512 cbest = _mm512_setzero_ps();
+  __m512i carg = _mm512_setzero_si512();
+  for (int64_t l = 0; l < p.L; ++l) {
+    const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.S + l * p.ld), _mm512_set1_ps(p.mt[l])), mv);
+    if (_mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q) != 0) return false;
+    const float mx = _mm512_mask_reduce_max_ps(m, x);
+    const int a = __builtin_ctz(static_cast<unsigned>(_mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(mx), _CMP_EQ_OQ)));
+    arg[l] = a;
+    best[l] = p.s(l, a);  // the first of the equal values (+0 and -0 compare equal)
+    const __mmask16 gt = l == 0 ? m : _mm512_mask_cmp_ps_mask(m, x, cbest, _CMP_GT_OQ);
+    cbest = _mm512_mask_mov_ps(cbest, gt, x);
+    carg = _mm512_mask_mov_epi32(carg, gt, _mm512_set1_epi32(static_cast<int>(l)));
+  }
+  _mm512_mask_storeu_ps(best + p.L, m, cbest);
+  _mm512_mask_storeu_epi32(arg + p.L, m, carg);
+  return true;
+}
+#endif
+
+template <typename acc_t>
+void pair_max(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (p.F <= 16 && cpu_isa_level() >= 2 && pair_max_avx512(p, best, arg)) return;
+  }
+#endif
+  pair_max_scan(p, best, arg);
+}
+
+// s_ij of one pair from its maxes: wti_pair_score's sums, in its order
+template <typename acc_t>
+acc_t pair_score(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
+  pair_max(p, best, arg);
+  acc_t t2v = 0, v2t = 0;
+  for (int64_t l = 0; l < p.L; ++l) t2v += p.at[l] * best[l];
+  for (int64_t f = 0; f < p.F; ++f) v2t += p.av[f] * best[p.L + f];
+  return acc_t(0.5) * (t2v + v2t);
 }
 
 at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
@@ -59,9 +144,13 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
     const int64_t ntasks = nbt * nbv;
     const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
     auto tiles = at::empty({runs, TB * d.L * VB * d.F}, p.t.options());
+    auto maxbuf = at::empty({runs, d.L + d.F}, p.t.options());
+    auto argbuf = at::empty({runs, d.L + d.F}, p.t.options().dtype(at::kInt));
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
+        acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * (d.L + d.F);
+        int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * (d.L + d.F);
         for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
           const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
           const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
@@ -75,7 +164,7 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
               const int64_t j = j0 + jj;
               WtiPair<acc_t> pair{s + ii * d.L * ld + jj * d.F, ld, mt + i * d.L, mv + j * d.F,
                                   wt + i * d.L, wv + j * d.F, d.L, d.F};
-              o[i * d.Bv + j] = wti_pair_score(pair);
+              o[i * d.Bv + j] = pair_score(pair, mb, ab);
             }
           }
         }
@@ -87,59 +176,168 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
 
 // ---- backward helpers ------------------------------------------------------------------
 
-// y += a * x over n elements; float has an AVX2+FMA build picked at run time (no -march).
+// Row sums of the backward. Entries (destination row, source row, coefficient) are
+// collected for one block of pairs and bucketed by destination row; then every row r
+// with entries gets y_r += sum_e c_e * x_{src_e}. D is walked in chunks of 32 floats, all
+// rows per chunk, so that the chunk of every source row of the block (a few hundred rows:
+// 32 KB) stays in L1. A row's chunk is held in registers over its entries, in 4 (AVX-512)
+// or 2 (AVX2) independent accumulators taking every 4th / 2nd entry, so that the loop is
+// bound by loads, not by the FMA latency; the accumulators are added in a fixed order
+// (deterministic, a different rounding than the plain sum of the generic path).
+// `end[r]` is one past row r's last entry (row r starts at end[r - 1], 0 for r = 0).
 template <typename T>
-void axpy_base(T* __restrict y, T a, const T* __restrict x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+void gather_rows_base(T* __restrict y, const T* __restrict x, int64_t D, int64_t rows, const int32_t* end,
+                      const T* c, const int32_t* src) {
+  for (int64_t r = 0, b = 0; r < rows; b = end[r++])
+    for (int64_t e = b; e < end[r]; ++e) {
+      const T* xs = x + src[e] * D;
+      T* yr = y + r * D;
+      for (int64_t k = 0; k < D; ++k) yr[k] += c[e] * xs[k];
+    }
 }
-__attribute__((target("avx2,fma"), noinline)) void axpy_avx2(float* __restrict y, float a,
-                                                              const float* __restrict x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+#if defined(__x86_64__)
+__attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __restrict y,
+                                                                     const float* __restrict x, int64_t D,
+                                                                     int64_t rows, const int32_t* end,
+                                                                     const float* c, const int32_t* src) {
+  for (int64_t k = 0; k < D; k += 32) {
+    const int64_t w = std::min<int64_t>(32, D - k);
+    const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
+    const __mmask16 m1 = w >= 32 ? 0xFFFF : w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0;
+    const float* xk = x + k;
+    for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
+      const int64_t e1 = end[r];
+      if (e1 == b) continue;
+      float* yr = y + r * D + k;
+      __m512 a[4], h[4];
+      a[0] = _mm512_maskz_loadu_ps(m0, yr), h[0] = _mm512_maskz_loadu_ps(m1, yr + 16);
+      for (int u = 1; u < 4; ++u) a[u] = h[u] = _mm512_setzero_ps();
+      int64_t e = b;
+      if (w == 32) {
+        for (; e + 4 <= e1; e += 4)
+          for (int u = 0; u < 4; ++u) {
+            const __m512 ce = _mm512_set1_ps(c[e + u]);
+            const float* xs = xk + src[e + u] * D;
+            a[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs), a[u]);
+            h[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16), h[u]);
+          }
+      }
+      for (; e < e1; ++e) {
+        const __m512 ce = _mm512_set1_ps(c[e]);
+        const float* xs = xk + src[e] * D;
+        a[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m0, xs), a[0]);
+        h[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m1, xs + 16), h[0]);
+      }
+      const __m512 lo = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+      const __m512 hi = _mm512_add_ps(_mm512_add_ps(h[0], h[1]), _mm512_add_ps(h[2], h[3]));
+      _mm512_mask_storeu_ps(yr, m0, lo);
+      _mm512_mask_storeu_ps(yr + 16, m1, hi);
+    }
+  }
 }
-template <typename T>
-using AxpyFn = void (*)(T*, T, const T*, int64_t);
-template <typename T>
-AxpyFn<T> pick_axpy() {
-  return &axpy_base<T>;
+__attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __restrict y, const float* __restrict x,
+                                                                     int64_t D, int64_t rows, const int32_t* end,
+                                                                     const float* c, const int32_t* src) {
+  const int64_t D32 = D / 32 * 32;
+  for (int64_t k = 0; k < D32; k += 32) {
+    const float* xk = x + k;
+    for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
+      const int64_t e1 = end[r];
+      if (e1 == b) continue;
+      float* yr = y + r * D + k;
+      __m256 a[2][4];
+      for (int q = 0; q < 4; ++q) a[0][q] = _mm256_loadu_ps(yr + 8 * q), a[1][q] = _mm256_setzero_ps();
+      int64_t e = b;
+      for (; e + 2 <= e1; e += 2)
+        for (int u = 0; u < 2; ++u) {
+          const __m256 ce = _mm256_set1_ps(c[e + u]);
+          const float* xs = xk + src[e + u] * D;
+          for (int q = 0; q < 4; ++q) a[u][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[u][q]);
+        }
+      if (e < e1) {
+        const __m256 ce = _mm256_set1_ps(c[e]);
+        const float* xs = xk + src[e] * D;
+        for (int q = 0; q < 4; ++q) a[0][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[0][q]);
+      }
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yr + 8 * q, _mm256_add_ps(a[0][q], a[1][q]));
+    }
+  }
+  if (D32 == D) return;
+  for (int64_t r = 0, b = 0; r < rows; b = end[r++])
+    for (int64_t e = b; e < end[r]; ++e)
+      for (int64_t k = D32; k < D; ++k) y[r * D + k] += c[e] * x[src[e] * D + k];
 }
-template <>
-AxpyFn<float> pick_axpy<float>() {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2 ? &axpy_avx2 : &axpy_base<float>;
-}
+#endif
 
-// Arg-maxes of one pair (same values and tie rule as wti_row_max / wti_col_max), with
-// the weight gradients: gwt[l] += hg * max_f S[l, f], gwv[f] += hg * max_l S[l, f].
+template <typename T>
+using GatherFn = void (*)(T*, const T*, int64_t, int64_t, const int32_t*, const T*, const int32_t*);
+template <typename T>
+GatherFn<T> pick_gather() {
+  return &gather_rows_base<T>;
+}
+#if defined(__x86_64__)
+template <>
+GatherFn<float> pick_gather<float>() {
+  const int isa = cpu_isa_level();
+  return isa >= 2 ? &gather_rows_avx512 : isa == 1 ? &gather_rows_avx2 : &gather_rows_base<float>;
+}
+#endif
+
+// The entries of one block of pairs, bucketed by destination row (a stable counting sort,
+// so each row sums its entries in collection order: deterministic). Storage is carved
+// from one tensor per run, allocated before the parallel region.
+template <typename acc_t>
+struct RowSums {
+  int64_t rows = 0, n = 0;
+  acc_t *c = nullptr, *c_sorted = nullptr;
+  int32_t *dst = nullptr, *src = nullptr, *src_sorted = nullptr, *start = nullptr;  // start: [rows + 1]
+
+  static int64_t bytes(int64_t rows, int64_t cap) {
+    return 2 * cap * static_cast<int64_t>(sizeof(acc_t) + sizeof(int32_t)) + cap * 4 + (rows + 1) * 4;
+  }
+  RowSums(char* mem, int64_t rows_, int64_t cap) : rows(rows_) {
+    c = reinterpret_cast<acc_t*>(mem);
+    c_sorted = c + cap;
+    src = reinterpret_cast<int32_t*>(c_sorted + cap);
+    src_sorted = src + cap;
+    dst = src_sorted + cap;
+    start = dst + cap;
+  }
+  void add(int64_t d, int64_t s, acc_t coef) {
+    dst[n] = static_cast<int32_t>(d);
+    src[n] = static_cast<int32_t>(s);
+    c[n++] = coef;
+  }
+  // y[r] += sum of the entries of row r (rows of length D; x: the source rows)
+  void flush(acc_t* y, const acc_t* x, int64_t D, GatherFn<acc_t> gather) {
+    if (n == 0) return;
+    std::fill(start, start + rows + 1, 0);
+    for (int64_t e = 0; e < n; ++e) ++start[dst[e] + 1];
+    for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+    for (int64_t e = 0; e < n; ++e) {
+      const int32_t at = start[dst[e]]++;
+      c_sorted[at] = c[e];
+      src_sorted[at] = src[e];
+    }
+    gather(y, x, D, rows, start, c_sorted, src_sorted);  // start[r] is now the end of row r
+    n = 0;
+  }
+};
+
+// Arg-maxes of one pair stored as idx_t, with the weight gradients:
+// gwt[l] += hg * max_f S[l, f], gwv[f] += hg * max_l S[l, f]. best/arg: scratch [L + F].
 template <typename acc_t, typename idx_t>
 inline void pair_argmax(const WtiPair<acc_t>& p, acc_t hg, idx_t* ar, idx_t* ac, acc_t* gwt, acc_t* gwv,
-                        acc_t* colbest) {
+                        acc_t* best, int32_t* arg) {
+  pair_max(p, best, arg);
   for (int64_t l = 0; l < p.L; ++l) {
-    acc_t best = p.s(l, 0);
-    int64_t arg = 0;
-    for (int64_t f = 1; f < p.F; ++f) {
-      const acc_t x = p.s(l, f);
-      if (x > best) {
-        best = x;
-        arg = f;
-      }
-    }
-    ar[l] = static_cast<idx_t>(arg);
-    gwt[l] += hg * best;
+    ar[l] = static_cast<idx_t>(arg[l]);
+    gwt[l] += hg * best[l];
   }
   for (int64_t f = 0; f < p.F; ++f) {
-    colbest[f] = p.s(0, f);
-    ac[f] = 0;
+    ac[f] = static_cast<idx_t>(arg[p.L + f]);
+    gwv[f] += hg * best[p.L + f];
   }
-  for (int64_t l = 1; l < p.L; ++l) {
-    for (int64_t f = 0; f < p.F; ++f) {
-      const acc_t x = p.s(l, f);
-      if (x > colbest[f]) {
-        colbest[f] = x;
-        ac[f] = static_cast<idx_t>(l);
-      }
-    }
-  }
-  for (int64_t f = 0; f < p.F; ++f) gwv[f] += hg * colbest[f];
 }
 
 template <typename acc_t, typename idx_t>
@@ -164,13 +362,23 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   // dL/dt rows and adds them while the tile's videos are still in cache
   const bool fused = nbt >= 2 * nthreads;
   const int64_t runs = fused ? nthreads : std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
+  // per run: one S tile, one column buffer, the entries of one block of pairs (a block is a
+  // tile's TB texts x VB videos, at most L + F entries per pair) bucketed by text row and
+  // by video row
+  const int64_t cap = TB * VB * (L + F);
+  const int64_t sums_bytes = std::max(RowSums<acc_t>::bytes(TB * L, cap), RowSums<acc_t>::bytes(VB * F, cap));
   auto tiles = at::empty({runs, TB * L * VB * F}, p.t.options());
   auto lwt = at::zeros({fused ? 1 : runs, Bt * L}, p.t.options());
   auto lwv = at::zeros({runs, Bv * F}, p.t.options());
-  auto colbuf = at::empty({runs, F}, p.t.options());
-  const AxpyFn<acc_t> axpy = pick_axpy<acc_t>();
+  auto maxbuf = at::empty({runs, L + F}, p.t.options());
+  auto argbuf = at::empty({runs, L + F}, p.t.options().dtype(at::kInt));
+  auto sums_mem = at::empty({runs, sums_bytes}, p.t.options().dtype(at::kByte));
+  const GatherFn<acc_t> gather = pick_gather<acc_t>();
   acc_t* gtp = gt.mutable_data_ptr<acc_t>();
   acc_t* gvp = gv.mutable_data_ptr<acc_t>();
+  auto run_sums = [&](int64_t r, int64_t rows) {
+    return RowSums<acc_t>(static_cast<char*>(sums_mem[r].data_ptr()), rows, cap);
+  };
   // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
   // from its arg-maxes, coefficients exactly as wti_pair_backward: dL/dt_il += c v_jf and
   // dL/dv_jf += c t_il. One walk serves the dL/dt and the dL/dv passes.
@@ -188,14 +396,30 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
       if (c != acc_t(0)) visit(a, f, c);
     }
   };
-  auto add_dt = [&](int64_t i, int64_t j, acc_t hg) {
-    for_each_coef(i, j, hg, [&](int64_t l, int64_t f, acc_t c) {
-      axpy(gtp + (i * L + l) * D, c, vp + (j * F + f) * D, D);
-    });
+  // dL/dt (to_text) or dL/dv rows of one block of pairs (texts i0 + [0, nt), videos
+  // j0 + [0, nv)) from the stored arg-maxes
+  auto add_block = [&](int64_t r, bool to_text, int64_t i0, int64_t nt, int64_t j0, int64_t nv) {
+    RowSums<acc_t> sums = run_sums(r, to_text ? nt * L : nv * F);
+    for (int64_t ii = 0; ii < nt; ++ii)
+      for (int64_t jj = 0; jj < nv; ++jj) {
+        const acc_t g = gp[(i0 + ii) * Bv + j0 + jj];
+        if (g == acc_t(0)) continue;
+        for_each_coef(i0 + ii, j0 + jj, acc_t(0.5) * g, [&](int64_t l, int64_t f, acc_t c) {
+          if (to_text)
+            sums.add(ii * L + l, jj * F + f, c);
+          else
+            sums.add(jj * F + f, ii * L + l, c);
+        });
+      }
+    if (to_text)
+      sums.flush(gtp + i0 * L * D, vp + j0 * F * D, D, gather);
+    else
+      sums.flush(gvp + j0 * F * D, tp + i0 * L * D, D, gather);
   };
   auto do_task = [&](int64_t task, int64_t r, acc_t* gwt_r) {
     acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
-    acc_t* cb = colbuf.mutable_data_ptr<acc_t>() + r * F;
+    acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * (L + F);
+    int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * (L + F);
     const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
     const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
     at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
@@ -210,10 +434,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
         if (g == acc_t(0)) continue;  // the dL/dt and dL/dv passes skip the pair too
         WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};
         pair_argmax<acc_t, idx_t>(pair, acc_t(0.5) * g, arp + (i * Bv + j) * L, acp + (i * Bv + j) * F,
-                                  gwt_r + i * L, gwv_r + j * F, cb);
-        if (fused) add_dt(i, j, acc_t(0.5) * g);
+                                  gwt_r + i * L, gwv_r + j * F, mb, ab);
       }
     }
+    if (fused) add_block(r, true, i0, nt, j0, nv);  // the tile's videos are still in cache
   };
   if (fused) {
     // text blocks split among threads (at::parallel_for's static split: deterministic
@@ -237,44 +461,21 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   gwv.view({Bv * F}).copy_(lwv.sum(0));
   tiles = at::Tensor();
 
-  // 2) dL/dt and dL/dv from the arg-maxes: each pair adds at most L + F scaled rows
-  //    (c * v_jf to t's row l, c * t_il to v's row f), no dense dS. Texts are split
-  //    among threads for dT (unless fused above) and videos for dV (one writer per row).
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t TB2 = std::max<int64_t>(1, (256 << 10) / (L * row_bytes));
-  const int64_t VB2 = std::max<int64_t>(1, (256 << 10) / (F * row_bytes));
-  if (!fused) {
-    at::parallel_for(0, (Bt + TB2 - 1) / TB2, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t i0 = b0 * TB2; i0 < std::min(Bt, b1 * TB2); i0 += TB2) {
-        const int64_t i1 = std::min(Bt, i0 + TB2);
-        for (int64_t j0 = 0; j0 < Bv; j0 += VB2) {
-          const int64_t j1 = std::min(Bv, j0 + VB2);
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = j0; j < j1; ++j) {
-              const acc_t g = gp[i * Bv + j];
-              if (g != acc_t(0)) add_dt(i, j, acc_t(0.5) * g);
-            }
+  // 2) dL/dt (unless fused above) and dL/dv from the arg-maxes, block by block: texts are
+  //    split among threads for dL/dt and videos for dL/dv (one writer per row), no dense dS
+  auto split = [&](int64_t nblocks, bool to_text) {
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t o = 0; o < (to_text ? nbv : nbt); ++o) {
+          const int64_t tb = to_text ? b : o, vb = to_text ? o : b;
+          const int64_t i0 = tb * TB, j0 = vb * VB;
+          add_block(r, to_text, i0, std::min(TB, Bt - i0), j0, std::min(VB, Bv - j0));
         }
-      }
     });
-  }
-  at::parallel_for(0, (Bv + VB2 - 1) / VB2, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t j0 = b0 * VB2; j0 < std::min(Bv, b1 * VB2); j0 += VB2) {
-      const int64_t j1 = std::min(Bv, j0 + VB2);
-      for (int64_t i0 = 0; i0 < Bt; i0 += TB2) {
-        const int64_t i1 = std::min(Bt, i0 + TB2);
-        for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const acc_t g = gp[i * Bv + j];
-            if (g == acc_t(0)) continue;
-            for_each_coef(i, j, acc_t(0.5) * g, [&](int64_t l, int64_t f, acc_t c) {
-              axpy(gvp + (j * F + f) * D, c, tp + (i * L + l) * D, D);
-            });
-          }
-        }
-      }
-    }
-  });
+  };
+  if (!fused) split(nbt, true);
+  split(nbv, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backward_cpu(
