@@ -57,17 +57,19 @@ def sync(device: str) -> None:
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> float:
-    """Peak bytes of CPU tensor memory live during one call of ``fn``, reconstructed from
-    the profiler's memory records in time order: each op's *self* allocations (an op's
-    total includes its children's, so summing totals counts a nested allocation once per
-    enclosing op) and the frees, which the profiler reports as "[memory]" events."""
+    """Peak bytes of CPU tensor memory live during one call of ``fn``: the profiler's
+    allocation and free records ("[memory]" events, one per allocation or free, wherever
+    it happens) summed in time order. (The per-op figures of ``prof.events()`` do not do:
+    a free inside an op, e.g. of a kernel's scratch, is folded into that op's self usage
+    and so dated at its start, which hides the scratch from the peak.)"""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return float(peak)
 
@@ -80,6 +82,13 @@ class Result:
     ms: float
     peak_mb: float
     extra: dict = field(default_factory=dict)
+    out_mb: float = float("nan")  # bytes of the tensors the case returns (its outputs)
+
+    @property
+    def work_mb(self) -> float:
+        """Peak memory beyond the case's own outputs: what it needs on top of the tensors
+        every implementation must return (e.g. the gradients of a backward)."""
+        return self.peak_mb - self.out_mb if self.out_mb == self.out_mb else float("nan")
 
 
 def time_fn(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int = 5,
@@ -117,35 +126,62 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 2, repeats: int
     return statistics.median(times)
 
 
-def peak_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory allocated while running ``fn`` once, in MiB, above what was live."""
+def returned_mb(obj: object) -> float:
+    """MiB of the tensors in ``obj`` (a tensor or nested tuples/lists/dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() / 2**20
+    if isinstance(obj, (tuple, list)):
+        return sum(returned_mb(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(returned_mb(x) for x in obj.values())
+    return 0.0
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """Peak memory allocated while running ``fn`` once, in MiB, above what was live, and
+    the MiB of the tensors ``fn`` returned (its outputs, counted in the peak)."""
     gc.collect()
+    out: list = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn()
+        out.append(fn())
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return cpu_peak_bytes(fn) / 2**20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, returned_mb(out)
+    peak = cpu_peak_bytes(lambda: out.append(fn())) / 2**20
+    return peak, returned_mb(out)
 
 
 def run_case(name: str, impl: str, params: dict, fn: Callable[[], object], device: str,
              warmup: int = 2, repeats: int = 5, memory: bool = True, extra: dict | None = None) -> Result:
     try:
         ms = time_fn(fn, device, warmup=warmup, repeats=repeats)
-        mem = peak_mb(fn, device) if memory else float("nan")
+        mem, out = peak_mb(fn, device) if memory else (float("nan"), float("nan"))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if "out of memory" not in str(err).lower() and not isinstance(err, (torch.OutOfMemoryError, MemoryError)):
             raise
-        ms, mem = float("inf"), float("inf")
-    return Result(name, impl, params, ms, mem, extra or {})
+        ms, mem, out = float("inf"), float("inf"), float("nan")
+    return Result(name, impl, params, ms, mem, extra or {}, out)
+
+
+def _ratio(base: float, x: float) -> float:
+    if base != base or x != x or x == float("inf"):
+        return float("nan")
+    if x <= 0:
+        return float("inf") if base > 0 else 1.0
+    return base / x
 
 
 def table(results: list[Result], baseline_impl: str, title: str) -> str:
-    """Rows grouped by (name, params); ratio = baseline time / impl time (>1: faster)."""
+    """Rows grouped by (name, params); speedup = baseline time / impl time (>1: faster),
+    mem ratio = baseline peak / impl peak. Where the cases return tensors, two more columns:
+    the peak beyond those outputs ("work") and its ratio."""
     lines = [f"## {title}", f"machine: {machine()}  torch {torch.__version__}  commit {git_commit()}", ""]
+    work = any(r.out_mb > 0 for r in results)
     header = f"{'case':<34} {'impl':<18} {'ms':>10} {'peak MiB':>10} {'speedup':>8} {'mem ratio':>9}"
+    if work:
+        header += f" {'work MiB':>9} {'work ratio':>10}"
     lines += [header, "-" * len(header)]
     groups: dict[tuple, list[Result]] = {}
     for r in results:
@@ -154,11 +190,12 @@ def table(results: list[Result], baseline_impl: str, title: str) -> str:
         base = next((r for r in rs if r.impl == baseline_impl), None)
         for r in rs:
             sp = base.ms / r.ms if base and r.ms not in (0, float("inf")) else float("nan")
-            if base and r.peak_mb == 0:
-                mr = float("inf") if base.peak_mb > 0 else 1.0
-            else:
-                mr = base.peak_mb / r.peak_mb if base and r.peak_mb != float("inf") else float("nan")
-            lines.append(f"{name:<34} {r.impl:<18} {r.ms:>10.3f} {r.peak_mb:>10.2f} {sp:>7.2f}x {mr:>8.1f}x")
+            mr = _ratio(base.peak_mb, r.peak_mb) if base else float("nan")
+            line = f"{name:<34} {r.impl:<18} {r.ms:>10.3f} {r.peak_mb:>10.2f} {sp:>7.2f}x {mr:>8.1f}x"
+            if work:
+                wr = _ratio(base.work_mb, r.work_mb) if base else float("nan")
+                line += f" {r.work_mb:>9.2f} {wr:>9.1f}x"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -173,7 +210,7 @@ def write_json(results: list[Result], out: str | os.PathLike | None, bench: str)
         path = path / f"{bench}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"bench": bench, "machine": machine(), "torch": torch.__version__, "commit": git_commit(),
-               "date": time.strftime("%Y-%m-%d"), "results": [asdict(r) for r in results]}
+               "date": time.strftime("%Y-%m-%d"), "results": [{**asdict(r), "work_mb": r.work_mb} for r in results]}
     path.write_text(json.dumps(payload, indent=1, default=float))
     print(f"wrote {path}")
     return path

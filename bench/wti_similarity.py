@@ -79,7 +79,7 @@ def main() -> int:
 
                     def fwd_bwd(impl=impl, tg=tg, wtg=wtg, vg=vg, wvg=wvg):
                         s = ops.wti_similarity(tg, mt, wtg, vg, mv, wvg, backend=impl)
-                        torch.autograd.grad(s, (tg, wtg, vg, wvg), gout)
+                        return torch.autograd.grad(s, (tg, wtg, vg, wvg), gout)
 
                     results.append(_runner.run_case(f"fwd+bwd {bt}x{bv}", name, params, fwd_bwd, dev, warmup=1,
                                                     repeats=args.repeats, extra={"gflop": 3 * flop / 1e9}))

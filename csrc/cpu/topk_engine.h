@@ -138,22 +138,49 @@ inline void flush_candidates(float* vals, int64_t* idx, int* n, int k, int64_t g
 
 constexpr int kDirectInsertMaxK = 256;
 
-// Puts (v, i) into a full descending list of k entries whose last value is below v,
-// dropping the last: below the entries of equal value, since i exceeds every listed index.
-inline void insert_full(float* vals, int64_t* idx, int k, float v, int64_t i) {
-  int lo = 0, hi = k - 1;  // the first entry below v: binary search
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (vals[mid] < v) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
+// The place of a new value v in a descending list of k values: the number of entries
+// >= v (the new entry goes below its equals, since its index exceeds every listed index).
+// A branch-free count (a binary search over random values mispredicts at every step);
+// AVX-512 / AVX2 compares where the CPU has them (csrc/common/cpu_isa.h).
+inline int count_at_least_scalar(const float* vals, int k, float v) {
+  int c = 0;
+  for (int e = 0; e < k; ++e) c += vals[e] >= v;
+  return c;
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f"))) inline int count_at_least_avx512(const float* vals, int k, float v) {
+  const __m512 t = _mm512_set1_ps(v);
+  int c = 0, e = 0;
+  for (; e + 16 <= k; e += 16) c += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(vals + e), t, _CMP_GE_OQ));
+  if (e < k) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (k - e)) - 1);
+    c += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, vals + e), t, _CMP_GE_OQ));
   }
-  std::memmove(vals + lo + 1, vals + lo, sizeof(float) * (k - 1 - lo));
-  std::memmove(idx + lo + 1, idx + lo, sizeof(int64_t) * (k - 1 - lo));
-  vals[lo] = v;
-  idx[lo] = i;
+  return c;
+}
+__attribute__((target("avx2"))) inline int count_at_least_avx2(const float* vals, int k, float v) {
+  const __m256 t = _mm256_set1_ps(v);
+  int c = 0, e = 0;
+  for (; e + 8 <= k; e += 8) c += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(vals + e), t, _CMP_GE_OQ)));
+  return c + count_at_least_scalar(vals + e, k - e, v);
+}
+inline int count_at_least(const float* vals, int k, float v) {
+  const int isa = cpu_isa_level();
+  return isa >= 2 ? count_at_least_avx512(vals, k, v) : isa == 1 ? count_at_least_avx2(vals, k, v)
+                                                                  : count_at_least_scalar(vals, k, v);
+}
+#else
+inline int count_at_least(const float* vals, int k, float v) { return count_at_least_scalar(vals, k, v); }
+#endif
+
+// Puts (v, i) into a full descending list of k entries whose last value is below v,
+// dropping the last.
+inline void insert_full(float* vals, int64_t* idx, int k, float v, int64_t i) {
+  const int at = count_at_least(vals, k, v);
+  std::memmove(vals + at + 1, vals + at, sizeof(float) * (k - 1 - at));
+  std::memmove(idx + at + 1, idx + at, sizeof(int64_t) * (k - 1 - at));
+  vals[at] = v;
+  idx[at] = i;
 }
 
 // Merges one tile row (gn similarities of gallery items g0..) into the running list
