@@ -159,6 +159,21 @@ def test_exclude_self_and_streaming(device, backend, q_offset):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_exclude_self_wide_gallery(device, backend, k):
+    """A set against itself over a full-width CPU tile (the kernel selects a row's first
+    tile at once, from a bound that must leave out the own item, here usually the row's
+    largest value), with tie groups from small integers."""
+    _ok(backend, device)
+    x = torch.randint(-2, 3, (1500, 12), device=device).float()
+    x[1499] = x[0]
+    v, i, c, s = ops.topk_centrality(x, x, k, exclude_self=True, backend=backend)
+    ov, oi, oc, os_ = oracle(x, x, k, exclude_self=True)
+    assert torch.equal(v, ov) and torch.equal(i, oi)
+    assert torch.equal(c, oc) and torch.equal(s, os_)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_counts_accumulate_and_empty_queries(device, backend):
     _ok(backend, device)
     q, g = int_data(10, 20, 4, device, torch.float32)

@@ -18,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -104,10 +105,12 @@ inline void unpack_candidate(uint64_t key, int64_t g0, float* v, int64_t* i) {
   *i = g0 + static_cast<int64_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
 }
 
+constexpr int kFolds = 256;  // first_tile_select's columns
+
 // Per-thread scratch for merge_tile_row.
 struct RowScratch {
   std::vector<uint64_t> buf;  // packed candidates since the last flush (capacity cap)
-  std::vector<float> mv, ov;
+  std::vector<float> mv, ov, fold;  // fold: first_tile_select's column maxima
   std::vector<int64_t> mi, oi;
   int cap = 0;
   explicit RowScratch(int k) : cap(std::max(2 * k, 32)) {
@@ -116,6 +119,7 @@ struct RowScratch {
     mi.resize(k);
     ov.resize(k);
     oi.resize(k);
+    fold.resize(kFolds);
   }
 };
 
@@ -183,6 +187,34 @@ inline void insert_full(float* vals, int64_t* idx, int k, float v, int64_t i) {
   idx[at] = i;
 }
 
+// A row's first tile, when it is wide (gn >= kFirstTileMin) and k small (k < 128): its
+// top k at once, instead of ~k ln(gn / k) insertions under a threshold that starts low.
+// The tile row is folded into kFolds column maxima (each element in one column); the
+// (k+1)-th largest maximum T bounds the k-th best candidate from below (k maxima other
+// than the own item's, if that is a maximum, are distinct candidates >= T), so the
+// candidates >= T (about k of them on random data) hold the top k: they are buffered
+// and selected exactly by flush_candidates (tie rule and all).
+constexpr int64_t kFirstTileMin = 4 * kFolds;
+
+inline bool first_tile_select(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
+                              int64_t* idx, int* n, int k, RowScratch& s) {
+  if (*n != 0 || gn < kFirstTileMin || k + 1 > kFolds / 2) return false;
+  float* mx = s.fold.data();
+  std::copy(row, row + kFolds, mx);
+  for (int64_t j0 = kFolds; j0 < gn; j0 += kFolds) {
+    const float* r = row + j0;
+    const int64_t w = std::min<int64_t>(kFolds, gn - j0);
+    for (int64_t c = 0; c < w; ++c) mx[c] = r[c] > mx[c] ? r[c] : mx[c];
+  }
+  std::nth_element(mx, mx + k, mx + kFolds, std::greater<float>());  // mx[k]: the (k+1)-th largest
+  // candidates >= T, as first_above's strict compare against the float just below T
+  const float below = std::nextafter(mx[k], -std::numeric_limits<float>::infinity());
+  for (int64_t j = first_above(row, 0, gn, below); j < gn; j = first_above(row, j + 1, gn, below))
+    if (j != self_col) s.buf.push_back(pack_candidate(row[j], j));
+  flush_candidates(vals, idx, n, k, g0, s);
+  return true;
+}
+
 // Merges one tile row (gn similarities of gallery items g0..) into the running list
 // (vals/idx, *n entries, capacity k). Every tile index exceeds every index already in
 // the list (tiles arrive in gallery order), so once the list is full a candidate can
@@ -192,6 +224,7 @@ inline void insert_full(float* vals, int64_t* idx, int k, float v, int64_t i) {
 // merge). Either way the threshold rises; a row costs O(gn + k log k · log(gn / k)).
 inline void merge_tile_row(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
                            int64_t* idx, int* n, int k, RowScratch& s) {
+  if (first_tile_select(row, gn, g0, self_col, vals, idx, n, k, s)) return;
   auto& buf = s.buf;
   const size_t cap = static_cast<size_t>(s.cap);
   int64_t j = 0;
