@@ -139,12 +139,12 @@ def test_wti_head_matches_loops():
     t, v = torch.randn(3, 5, 8), torch.randn(4, 2, 8)
     tm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     vm = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0]])
-    a_t, a_v = head.text_weights(t, tm), head.video_weights(v, vm)
+    a_t, a_v = head.text_weights(t, tm).detach(), head.video_weights(v, vm).detach()
     assert torch.all(a_t[tm == 0] == 0) and torch.all(a_v[vm == 0] == 0)
     torch.testing.assert_close(a_t.sum(1), torch.ones(3))
     assert torch.all(a_v[3] == 0)  # a video without valid frames
     s = head(t, tm, v, vm)
-    th, vh = torch.nn.functional.normalize(t, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+    th, vh = torch.nn.functional.normalize(t, dim=-1).detach(), torch.nn.functional.normalize(v, dim=-1).detach()
     want = torch.zeros(3, 4)
     for i in range(3):
         for j in range(4):
