@@ -132,6 +132,23 @@ def test_low_precision_flash_attention_rule(device, dtype, shape):
         assert err_ext <= 2 * err_pt + 1e-5, f"{name}: ext {err_ext} vs torch-in-{dtype} {err_pt}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 45, 9, 12, 40), (70, 30, 32, 12, 16)])
+def test_low_precision_cpu_is_the_fp32_kernel_on_upcast_inputs(dtype, shape):
+    """fp16/bf16 tokens are converted block by block (never copied whole), and dL/dv is
+    summed per video block in fp32, then written in the tokens' dtype: the result must be
+    the fp32 kernel's on the upcast inputs, rounded once. Shapes: few text blocks (dL/dt in
+    its own pass) and many (dL/dt right after each tile), several video blocks."""
+    require_ext("cpu")
+    args = make(*shape, dtype=dtype)
+    up = [a.float() if a.is_floating_point() else a for a in args]
+    gout = torch.randn(shape[:2])
+    got, want = _ext_grads(args, gout), _ext_grads(up, gout)
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], got, want):
+        assert a.dtype == (dtype if name in ("t", "v") else torch.float32), name
+        assert torch.equal(a, b.to(a.dtype)), name
+
+
 def test_masked_tokens_get_zero_gradient(device):
     require_ext(device)
     args = make(6, 5, 8, 6, 16, device=device)

@@ -40,14 +40,23 @@ constexpr int64_t kRows = 256;  // text tokens per tile (nt * L)
 constexpr int64_t kCols = 256;  // video frames per tile (nv * F)
 
 struct Prepared {
-  at::Tensor t, mt, at_, v, mv, av;  // contiguous, accumulation dtype
+  at::Tensor t, v;               // contiguous, in the inputs' dtype (fp16/bf16 are not copied whole)
+  at::Tensor mt, at_, mv, av;    // contiguous, accumulation dtype
+  bool low = false;              // tokens narrower than the accumulation dtype
 };
 
 Prepared prepare(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight, const at::Tensor& v,
                  const at::Tensor& v_mask, const at::Tensor& v_weight) {
   const auto acc = wti_acc_type(t.scalar_type());
-  return {t.to(acc).contiguous(),        t_mask.to(acc).contiguous(), t_weight.to(acc).contiguous(),
-          v.to(acc).contiguous(),        v_mask.to(acc).contiguous(), v_weight.to(acc).contiguous()};
+  return {t.contiguous(),         v.contiguous(),         t_mask.to(acc).contiguous(), t_weight.to(acc).contiguous(),
+          v_mask.to(acc).contiguous(), v_weight.to(acc).contiguous(), t.scalar_type() != acc};
+}
+
+// Rows [r0, r0 + n) of a [rows, D] token matrix in the accumulation dtype: a view, or
+// (fp16/bf16 tokens: `scratch` defined) converted into the scratch block.
+at::Tensor acc_rows(const at::Tensor& x2, int64_t r0, int64_t n, const at::Tensor& scratch) {
+  at::Tensor rows = x2.narrow(0, r0, n);
+  return scratch.defined() ? scratch.narrow(0, 0, n).copy_(rows) : rows;
 }
 
 // The maxes of one pair and their arg-maxes: row l's (over frames) at best[l], arg[l],
@@ -143,9 +152,12 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
     // one tile buffer per run, allocated here (no allocation on worker threads)
     const int64_t ntasks = nbt * nbv;
     const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
-    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, p.t.options());
-    auto maxbuf = at::empty({runs, d.L + d.F}, p.t.options());
-    auto argbuf = at::empty({runs, d.L + d.F}, p.t.options().dtype(at::kInt));
+    const auto aopt = p.t.options().dtype(acc);
+    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, aopt);
+    auto maxbuf = at::empty({runs, d.L + d.F}, aopt);
+    auto argbuf = at::empty({runs, d.L + d.F}, aopt.dtype(at::kInt));
+    const auto tscr = p.low ? at::empty({runs, TB * d.L, d.D}, aopt) : at::Tensor();
+    const auto vscr = p.low ? at::empty({runs, VB * d.F, d.D}, aopt) : at::Tensor();
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
@@ -155,7 +167,9 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
           const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
           const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
           at::Tensor S = tiles[r].narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
-          at::mm_out(S, t2.narrow(0, i0 * d.L, nt * d.L), v2.narrow(0, j0 * d.F, nv * d.F).t());
+          const auto T = acc_rows(t2, i0 * d.L, nt * d.L, p.low ? tscr[r] : at::Tensor());
+          const auto V = acc_rows(v2, j0 * d.F, nv * d.F, p.low ? vscr[r] : at::Tensor());
+          at::mm_out(S, T, V.t());
           const acc_t* s = S.const_data_ptr<acc_t>();
           const int64_t ld = nv * d.F;
           for (int64_t ii = 0; ii < nt; ++ii) {
@@ -346,13 +360,13 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
   const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
   const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
-  const acc_t *tp = p.t.const_data_ptr<acc_t>(), *vp = p.v.const_data_ptr<acc_t>();
+  const auto aopt = p.mt.options();
   const auto t2 = p.t.view({Bt * L, D}), v2 = p.v.view({Bv * F, D});
   const auto idx_dtype = sizeof(idx_t) == 1 ? at::kByte : at::kInt;
   // 1) one GEMM recompute: the arg-maxes of every pair ([Bt, Bv, L] and [Bt, Bv, F]) and
   //    the weight gradients (run-local, summed in run order: deterministic per thread count)
-  auto AR = at::empty({Bt, Bv, L}, p.t.options().dtype(idx_dtype));
-  auto AC = at::empty({Bt, Bv, F}, p.t.options().dtype(idx_dtype));
+  auto AR = at::empty({Bt, Bv, L}, aopt.dtype(idx_dtype));
+  auto AC = at::empty({Bt, Bv, F}, aopt.dtype(idx_dtype));
   idx_t* arp = static_cast<idx_t*>(AR.data_ptr());
   idx_t* acp = static_cast<idx_t*>(AC.data_ptr());
   const int64_t TB = std::max<int64_t>(1, kRows / L), VB = std::max<int64_t>(1, kCols / F);
@@ -367,15 +381,22 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   // by video row
   const int64_t cap = TB * VB * (L + F);
   const int64_t sums_bytes = std::max(RowSums<acc_t>::bytes(TB * L, cap), RowSums<acc_t>::bytes(VB * F, cap));
-  auto tiles = at::empty({runs, TB * L * VB * F}, p.t.options());
-  auto lwt = at::zeros({fused ? 1 : runs, Bt * L}, p.t.options());
-  auto lwv = at::zeros({runs, Bv * F}, p.t.options());
-  auto maxbuf = at::empty({runs, L + F}, p.t.options());
-  auto argbuf = at::empty({runs, L + F}, p.t.options().dtype(at::kInt));
-  auto sums_mem = at::empty({runs, sums_bytes}, p.t.options().dtype(at::kByte));
+  auto tiles = at::empty({runs, TB * L * VB * F}, aopt);
+  auto lwt = at::zeros({fused ? 1 : runs, Bt * L}, aopt);
+  auto lwv = at::zeros({runs, Bv * F}, aopt);
+  auto maxbuf = at::empty({runs, L + F}, aopt);
+  auto argbuf = at::empty({runs, L + F}, aopt.dtype(at::kInt));
+  auto sums_mem = at::empty({runs, sums_bytes}, aopt.dtype(at::kByte));
+  // fp16/bf16 tokens: blocks converted per task (tscr, vscr), the texts once whole for the
+  // dL/dv sums (t_acc), and each video block's dL/dv summed in gscr, then written to gv
+  // (already in the tokens' dtype); dL/dt is summed in gt (accumulation dtype) whole.
+  const auto tscr = p.low ? at::empty({runs, TB * L, D}, aopt) : at::Tensor();
+  const auto vscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
+  const auto gscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
+  const auto t_acc = p.low ? t2.to(aopt.dtype().toScalarType()) : t2;
+  const acc_t* tp = t_acc.const_data_ptr<acc_t>();
   const GatherFn<acc_t> gather = pick_gather<acc_t>();
   acc_t* gtp = gt.mutable_data_ptr<acc_t>();
-  acc_t* gvp = gv.mutable_data_ptr<acc_t>();
   auto run_sums = [&](int64_t r, int64_t rows) {
     return RowSums<acc_t>(static_cast<char*>(sums_mem[r].data_ptr()), rows, cap);
   };
@@ -397,8 +418,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
     }
   };
   // dL/dt (to_text) or dL/dv rows of one block of pairs (texts i0 + [0, nt), videos
-  // j0 + [0, nv)) from the stored arg-maxes
-  auto add_block = [&](int64_t r, bool to_text, int64_t i0, int64_t nt, int64_t j0, int64_t nv) {
+  // j0 + [0, nv)) from the stored arg-maxes, added into the block's rows at y; x: the
+  // block's source rows (its videos' for dL/dt, its texts' for dL/dv)
+  auto add_block = [&](int64_t r, bool to_text, int64_t i0, int64_t nt, int64_t j0, int64_t nv, acc_t* y,
+                       const acc_t* x) {
     RowSums<acc_t> sums = run_sums(r, to_text ? nt * L : nv * F);
     for (int64_t ii = 0; ii < nt; ++ii)
       for (int64_t jj = 0; jj < nv; ++jj) {
@@ -411,10 +434,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
             sums.add(jj * F + f, ii * L + l, c);
         });
       }
-    if (to_text)
-      sums.flush(gtp + i0 * L * D, vp + j0 * F * D, D, gather);
-    else
-      sums.flush(gvp + j0 * F * D, tp + i0 * L * D, D, gather);
+    sums.flush(y, x, D, gather);
   };
   auto do_task = [&](int64_t task, int64_t r, acc_t* gwt_r) {
     acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
@@ -423,7 +443,8 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
     const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
     const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
     at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
-    at::mm_out(S, t2.narrow(0, i0 * L, nt * L), v2.narrow(0, j0 * F, nv * F).t());
+    const auto V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
+    at::mm_out(S, acc_rows(t2, i0 * L, nt * L, p.low ? tscr[r] : at::Tensor()), V.t());
     const acc_t* s = S.const_data_ptr<acc_t>();
     const int64_t ld = nv * F;
     for (int64_t ii = 0; ii < nt; ++ii) {
@@ -437,7 +458,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
                                   gwt_r + i * L, gwv_r + j * F, mb, ab);
       }
     }
-    if (fused) add_block(r, true, i0, nt, j0, nv);  // the tile's videos are still in cache
+    if (fused) add_block(r, true, i0, nt, j0, nv, gtp + i0 * L * D, V.const_data_ptr<acc_t>());  // in cache
   };
   if (fused) {
     // text blocks split among threads (at::parallel_for's static split: deterministic
@@ -463,19 +484,31 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
 
   // 2) dL/dt (unless fused above) and dL/dv from the arg-maxes, block by block: texts are
   //    split among threads for dL/dt and videos for dL/dv (one writer per row), no dense dS
-  auto split = [&](int64_t nblocks, bool to_text) {
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  if (!fused) {
+    at::parallel_for(0, nbt, 1, [&](int64_t b0, int64_t b1) {
       const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t o = 0; o < (to_text ? nbv : nbt); ++o) {
-          const int64_t tb = to_text ? b : o, vb = to_text ? o : b;
-          const int64_t i0 = tb * TB, j0 = vb * VB;
-          add_block(r, to_text, i0, std::min(TB, Bt - i0), j0, std::min(VB, Bv - j0));
+      for (int64_t tb = b0; tb < b1; ++tb)
+        for (int64_t vb = 0; vb < nbv; ++vb) {
+          const int64_t i0 = tb * TB, j0 = vb * VB, nv = std::min(VB, Bv - j0);
+          const auto V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
+          add_block(r, true, i0, std::min(TB, Bt - i0), j0, nv, gtp + i0 * L * D, V.const_data_ptr<acc_t>());
         }
     });
-  };
-  if (!fused) split(nbt, true);
-  split(nbv, false);
+  }
+  auto gv2 = gv.view({Bv * F, D});
+  at::parallel_for(0, nbv, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
+    for (int64_t vb = b0; vb < b1; ++vb) {
+      const int64_t j0 = vb * VB, nv = std::min(VB, Bv - j0);
+      acc_t* y = p.low ? gscr[r].mutable_data_ptr<acc_t>() : gv2.mutable_data_ptr<acc_t>() + j0 * F * D;
+      if (p.low) std::fill(y, y + nv * F * D, acc_t(0));
+      for (int64_t tb = 0; tb < nbt; ++tb) {
+        const int64_t i0 = tb * TB;
+        add_block(r, false, i0, std::min(TB, Bt - i0), j0, nv, y, tp + i0 * L * D);
+      }
+      if (p.low) gv2.narrow(0, j0 * F, nv * F).copy_(gscr[r].narrow(0, 0, nv * F));
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backward_cpu(
@@ -486,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   at::NoGradGuard no_grad;
   const auto acc = wti_acc_type(t.scalar_type());
   auto gt = at::zeros({d.Bt, d.L, d.D}, t.options().dtype(acc));
-  auto gv = at::zeros({d.Bv, d.F, d.D}, t.options().dtype(acc));
+  auto gv = at::zeros({d.Bv, d.F, d.D}, v.options());  // written block by block in v's dtype
   auto gwt = at::zeros({d.Bt, d.L}, t.options().dtype(acc));
   auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
   if (d.Bt > 0 && d.Bv > 0 && d.D > 0) {  // D == 0: every gradient is 0
@@ -500,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
         backward_impl<scalar_t, int32_t>(d, p, g.const_data_ptr<scalar_t>(), gt, gwt, gv, gwv);
     });
   }
-  return {gt.to(t.scalar_type()), gwt.to(t_weight.scalar_type()), gv.to(v.scalar_type()),
+  return {gt.to(t.scalar_type()), gwt.to(t_weight.scalar_type()), gv,
           gwv.to(v_weight.scalar_type())};
 }
 
