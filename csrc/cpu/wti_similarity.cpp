@@ -156,19 +156,30 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
     auto tiles = at::empty({runs, TB * d.L * VB * d.F}, aopt);
     auto maxbuf = at::empty({runs, d.L + d.F}, aopt);
     auto argbuf = at::empty({runs, d.L + d.F}, aopt.dtype(at::kInt));
-    const auto tscr = p.low ? at::empty({runs, TB * d.L, d.D}, aopt) : at::Tensor();
-    const auto vscr = p.low ? at::empty({runs, VB * d.F, d.D}, aopt) : at::Tensor();
+    // fp16/bf16 tokens: the smaller side converted whole, the larger block by block, its
+    // blocks outermost so that each is converted once per run (tasks video-major when
+    // the texts are converted whole, else text-major)
+    const bool texts_whole = p.low && d.Bt * d.L <= d.Bv * d.F;
+    const auto t_src = texts_whole ? t2.to(acc) : t2;
+    const auto v_src = p.low && !texts_whole ? v2.to(acc) : v2;
+    const auto tscr = p.low && !texts_whole ? at::empty({runs, TB * d.L, d.D}, aopt) : at::Tensor();
+    const auto vscr = texts_whole ? at::empty({runs, VB * d.F, d.D}, aopt) : at::Tensor();
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
         acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * (d.L + d.F);
         int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * (d.L + d.F);
+        at::Tensor T, V;
+        int64_t t_at = -1, v_at = -1;  // the blocks in T and V
         for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
-          const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
+          const int64_t tb = texts_whole ? task % nbt : task / nbv, vb = texts_whole ? task / nbt : task % nbv;
+          const int64_t i0 = tb * TB, j0 = vb * VB;
           const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
           at::Tensor S = tiles[r].narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
-          const auto T = acc_rows(t2, i0 * d.L, nt * d.L, p.low ? tscr[r] : at::Tensor());
-          const auto V = acc_rows(v2, j0 * d.F, nv * d.F, p.low ? vscr[r] : at::Tensor());
+          if (tb != t_at) T = acc_rows(t_src, i0 * d.L, nt * d.L, tscr.defined() ? tscr[r] : at::Tensor());
+          if (vb != v_at) V = acc_rows(v_src, j0 * d.F, nv * d.F, vscr.defined() ? vscr[r] : at::Tensor());
+          t_at = tb;
+          v_at = vb;
           at::mm_out(S, T, V.t());
           const acc_t* s = S.const_data_ptr<acc_t>();
           const int64_t ld = nv * d.F;
