@@ -8,47 +8,36 @@ the synthetic dataset, sized to finish on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nbretr.models.neighborretr import NeighborRetrConfig
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(NeighborRetrConfig):
+    """A run's options: every field of the model's :class:`NeighborRetrConfig` (the method's
+    losses, the architecture, the tiny CLIP; METHOD.md defaults, declared once there) and
+    the data, optimisation and run fields below. A few model fields get run defaults here:
+    ``image_size`` (None: 224 with CLIP, the synthetic frame size otherwise), ``backend`` and
+    ``gather_reduce_grads``; ``vocab_size`` is taken from the tokenizer."""
     # data
     dataset: str = "synthetic"
     data_root: str | None = None          # default: $NBRETR_DATA or data/synthetic
     synthetic_size: str = "default"
     train_split: str | None = None         # e.g. msrvtt "9k" / "7k"
-    max_words: int = 24
-    max_frames: int = 12
     video_framerate: float = 1.0
     image_size: int | None = None          # default: 224 with CLIP, the synthetic size otherwise
     num_workers: int = 2
     strict_data: bool = False
     # model
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
-    clip_path: str | None = None           # local HF CLIP folder or OpenAI .pt archive
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives
-    temporal_layers: int = 4
-    patch_size: int = 16                   # tiny random CLIP only
-    clip_width: int = 64                   # tiny random CLIP only
-    # method (METHOD.md defaults)
-    centrality_scale: float = 0.3
-    num_neighbors: int = 20
-    temperature: float = 3.0
-    beta: float = 0.7
-    sinkhorn_iters: int = 50
-    w_opt: float = 1.0
-    w_nbi: float = 1.0
-    w_kl: float = 1.0
-    centrality: str = "mean"
-    detach_plan: bool = True
-    detach_centrality: bool = False        # constant L_wti weights (see NeighborRetrConfig)
-    baseline: bool = False                 # plain symmetric InfoNCE, NeighborRetr losses off
+    # memory bank: batches encoded into the bank before training (the reference's mb_batch)
     mb_batch: int = 10
     # optimisation
     epochs: int = 5
@@ -75,8 +64,11 @@ class TrainConfig:
                                            # one process's (False: the reference's local slice, 1/W)
     backend: str = "auto"                  # nbretr.ops backend for the whole run
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def model_config(self, **overrides: Any) -> NeighborRetrConfig:
+        """The model's part of this configuration (``overrides`` replace fields)."""
+        values = {f.name: getattr(self, f.name) for f in fields(NeighborRetrConfig)}
+        values.update(overrides)
+        return NeighborRetrConfig(**values)
 
 
 # The embedded default run: the tiny random model on the synthetic dataset, on 2 CPU cores.
@@ -103,21 +95,30 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
+DERIVED = {"vocab_size"}  # set by the run (from the tokenizer), not an option
+
+
+def _arg_type(hint: Any):
+    """int or float where the field's annotation has one (``int | None`` included), else str."""
+    args = set(typing.get_args(hint)) or {hint}
+    return int if int in args else float if float in args else str
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", type=str, default=None, help="YAML file of options (the command line overrides it)")
     defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
+        if f.name in DERIVED:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
                            help=f"(default {default})")
         else:
-            typ = {int: int, float: float}.get(type(default), str)
-            if f.name in ("max_steps", "image_size"):
-                typ = int
+            typ = _arg_type(hints[f.name])
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {default})")
             if "_" in f.name:  # the reference's spelling too (--batch_size)
                 p.add_argument("--" + f.name, dest=f.name, type=typ, default=None, help=argparse.SUPPRESS)

@@ -90,14 +90,11 @@ def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("trai
 
 def build_model(cfg: TrainConfig, vocab_size: int | None):
     """NeighborRetr on the tiny random CLIP (embedded default) or a local checkpoint."""
-    from nbretr.models import NeighborRetr, NeighborRetrConfig
-    known = set(NeighborRetrConfig.__dataclass_fields__)
-    values = {k: v for k, v in cfg.to_dict().items() if k in known}
-    values.update(image_size=image_size(cfg), gather_reduce_grads=cfg.gather_reduce_grads,
-                  clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
+    from nbretr.models import NeighborRetr
+    overrides = dict(image_size=image_size(cfg), clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
     if vocab_size is not None:
-        values["vocab_size"] = vocab_size
-    return NeighborRetr(NeighborRetrConfig(**values))
+        overrides["vocab_size"] = vocab_size
+    return NeighborRetr(cfg.model_config(**overrides))
 
 
 def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):

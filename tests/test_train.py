@@ -51,6 +51,33 @@ def test_config_precedence_and_errors(tmp_path):
     assert C.resolve_config(parser.parse_args(["--baseline"])).baseline is True
 
 
+def test_every_model_option_reaches_the_model():
+    """TrainConfig extends the model's NeighborRetrConfig, so each method and architecture
+    option is a command-line flag with the model's default, typed by its annotation, and
+    arrives in the model's configuration; bad values are refused by the model's checks."""
+    import dataclasses
+    from nbretr.models import NeighborRetrConfig
+    parser = C.build_parser("t")
+    flags = {a.dest for a in parser._actions}
+    model_defaults = NeighborRetrConfig()
+    run_defaults = C.TrainConfig()
+    for f in dataclasses.fields(NeighborRetrConfig):
+        if f.name in C.DERIVED:
+            continue
+        assert f.name in flags, f.name
+        if f.name not in ("image_size", "backend", "gather_reduce_grads"):  # run defaults, documented
+            assert getattr(run_defaults, f.name) == getattr(model_defaults, f.name), f.name
+    cfg = C.resolve_config(parser.parse_args(["--centrality-k", "5", "--nbi-normalize-over", "neighbors",
+                                              "--cluster-k", "2", "--text-cluster-ratio", "0.5",
+                                              "--cluster-mlp", "false"]))
+    m = cfg.model_config(vocab_size=99)
+    assert (m.centrality_k, m.nbi_normalize_over, m.cluster_k, m.text_cluster_ratio, m.cluster_mlp,
+            m.vocab_size) == (5, "neighbors", 2, 0.5, False, 99)
+    assert type(m.centrality_k) is int and type(m.text_cluster_ratio) is float
+    with pytest.raises(ValueError, match="nbi_normalize_over must be 'complement' or 'neighbors', got 'all'"):
+        C.resolve_config(parser.parse_args(["--nbi-normalize-over", "all"]))
+
+
 def test_resume_continues_the_loss_curve(data_env, tmp_path):
     from nbretr.train import main
     args = SMALL + ["--epochs", "3", "--do-eval", "false", "--seed", "3"]
