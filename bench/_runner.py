@@ -186,8 +186,17 @@ def table(results: list[Result], baseline_impl: str, title: str) -> str:
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.name, json.dumps(r.params, sort_keys=True)), []).append(r)
+    # the parameters that tell apart the cases of one name (shown after it)
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r.name, []).append(r.params)
+    varying = {name: [k for k in sorted(set().union(*ps)) if len({json.dumps(p.get(k)) for p in ps}) > 1]
+               for name, ps in by_name.items()}
     for (name, _), rs in groups.items():
         base = next((r for r in rs if r.impl == baseline_impl), None)
+        keys = varying[name]
+        if keys:
+            name = f"{name} " + " ".join(f"{k}={rs[0].params.get(k)}" for k in keys)
         for r in rs:
             sp = base.ms / r.ms if base and r.ms not in (0, float("inf")) else float("nan")
             mr = _ratio(base.peak_mb, r.peak_mb) if base else float("nan")

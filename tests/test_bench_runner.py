@@ -48,3 +48,12 @@ def test_cpu_peak_sees_scratch_freed_inside_an_op():
     returns; the per-op figures date that free at the op's start and miss it."""
     x = torch.zeros(64, 128, 256)   # 8 MiB
     assert _runner.cpu_peak_bytes(lambda: torch.logsumexp(x, dim=1)) >= x.numel() * 4
+
+
+def test_table_names_the_parameters_that_differ():
+    rs = [_runner.Result("topk", impl, {"N": 10, "k": k, "dtype": "float32"}, ms, 1.0)
+          for k in (10, 100) for impl, ms in (("bare", 2.0), ("ext", 1.0))]
+    lines = _runner.table(rs, "bare", "t").splitlines()[5:]
+    assert [line.split()[:3] for line in lines] == [["topk", "k=10", "bare"], ["topk", "k=10", "ext"],
+                                                    ["topk", "k=100", "bare"], ["topk", "k=100", "ext"]]
+    assert " 2.00x" in lines[1] and " 2.00x" in lines[3]
