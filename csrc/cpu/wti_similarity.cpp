@@ -398,10 +398,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   auto maxbuf = at::empty({runs, L + F}, aopt);
   auto argbuf = at::empty({runs, L + F}, aopt.dtype(at::kInt));
   auto sums_mem = at::empty({runs, sums_bytes}, aopt.dtype(at::kByte));
-  // fp16/bf16 tokens: blocks converted per task (tscr, vscr), the texts once whole for the
-  // dL/dv sums (t_acc), and each video block's dL/dv summed in gscr, then written to gv
-  // (already in the tokens' dtype); dL/dt is summed in gt (accumulation dtype) whole.
-  const auto tscr = p.low ? at::empty({runs, TB * L, D}, aopt) : at::Tensor();
+  // fp16/bf16 tokens: the texts converted once whole (t_acc: the products and the dL/dv
+  // sums read them), the video blocks per tile (vscr), each video block's dL/dv summed in
+  // gscr, then written to gv (already in the tokens' dtype); dL/dt is summed in gt
+  // (accumulation dtype) whole.
   const auto vscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
   const auto gscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
   const auto t_acc = p.low ? t2.to(aopt.dtype().toScalarType()) : t2;
@@ -455,7 +455,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
     const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
     at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
     const auto V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
-    at::mm_out(S, acc_rows(t2, i0 * L, nt * L, p.low ? tscr[r] : at::Tensor()), V.t());
+    at::mm_out(S, t_acc.narrow(0, i0 * L, nt * L), V.t());
     const acc_t* s = S.const_data_ptr<acc_t>();
     const int64_t ld = nv * F;
     for (int64_t ii = 0; ii < nt; ++ii) {
