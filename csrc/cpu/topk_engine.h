@@ -198,7 +198,7 @@ constexpr int64_t kFirstTileMin = 4 * kFolds;
 
 inline bool first_tile_select(const float* row, int64_t gn, int64_t g0, int64_t self_col, float* vals,
                               int64_t* idx, int* n, int k, RowScratch& s) {
-  if (*n != 0 || gn < kFirstTileMin || k + 1 > kFolds / 2) return false;
+  if (*n != 0 || gn < kFirstTileMin || k >= kFolds / 2) return false;
   float* mx = s.fold.data();
   std::copy(row, row + kFolds, mx);
   for (int64_t j0 = kFolds; j0 < gn; j0 += kFolds) {

@@ -60,8 +60,8 @@ at::Tensor acc_rows(const at::Tensor& x2, int64_t r0, int64_t n, const at::Tenso
 }
 
 // The maxes of one pair and their arg-maxes: row l's (over frames) at best[l], arg[l],
-// column f's (over text tokens) at best[L + f], arg[L + f]; the values and the tie rule
-// of wti_row_max / wti_col_max (a scan keeping the first of equal values).
+// column f's (over text tokens) at best[L + f], arg[L + f], by the shared scans of
+// csrc/common/wti.h (each keeps the first of equal values).
 template <typename acc_t>
 void pair_max_scan(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
   for (int64_t l = 0; l < p.L; ++l) {
@@ -69,19 +69,11 @@ void pair_max_scan(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
     wti_row_max(p, l, best[l], a);
     arg[l] = static_cast<int32_t>(a);
   }
-  acc_t* cb = best + p.L;
-  int32_t* ca = arg + p.L;
   for (int64_t f = 0; f < p.F; ++f) {
-    cb[f] = p.s(0, f);
-    ca[f] = 0;
+    int64_t a;
+    wti_col_max(p, f, best[p.L + f], a);
+    arg[p.L + f] = static_cast<int32_t>(a);
   }
-  for (int64_t l = 1; l < p.L; ++l)
-    for (int64_t f = 0; f < p.F; ++f) {
-      const acc_t x = p.s(l, f);
-      const bool gt = x > cb[f];  // a select, not a branch
-      cb[f] = gt ? x : cb[f];
-      ca[f] = gt ? static_cast<int32_t>(l) : ca[f];
-    }
 }
 
 #if defined(__x86_64__)
@@ -387,9 +379,9 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   // dL/dt rows and adds them while the tile's videos are still in cache
   const bool fused = nbt >= 2 * nthreads;
   const int64_t runs = fused ? nthreads : std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
-  // per run: one S tile, one column buffer, the entries of one block of pairs (a block is a
-  // tile's TB texts x VB videos, at most L + F entries per pair) bucketed by text row and
-  // by video row
+  // per run: one S tile, the maxes and arg-maxes of one pair, the entries of one block of
+  // pairs (a block is a tile's TB texts x VB videos, at most L + F entries per pair)
+  // bucketed by text row or by video row
   const int64_t cap = TB * VB * (L + F);
   const int64_t sums_bytes = std::max(RowSums<acc_t>::bytes(TB * L, cap), RowSums<acc_t>::bytes(VB * F, cap));
   auto tiles = at::empty({runs, TB * L * VB * F}, aopt);
@@ -413,7 +405,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   };
   // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
   // from its arg-maxes, coefficients exactly as wti_pair_backward: dL/dt_il += c v_jf and
-  // dL/dv_jf += c t_il. One walk serves the dL/dt and the dL/dv passes.
+  // dL/dv_jf += c t_il; the dL/dt and the dL/dv sums walk the same entries.
   auto for_each_coef = [&](int64_t i, int64_t j, acc_t hg, auto&& visit) {
     const idx_t* ar = arp + (i * Bv + j) * L;
     const idx_t* ac = acp + (i * Bv + j) * F;
