@@ -158,7 +158,6 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs >= 1, "--epochs must be >= 1"),
         (cfg.max_words >= 1 and cfg.max_frames >= 1, "--max-words and --max-frames must be >= 1"),
         (cfg.mb_batch >= 0, "--mb-batch must be >= 0"),
-        (cfg.centrality in ("mean", "knn"), f"--centrality must be 'mean' or 'knn', got {cfg.centrality!r}"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}"),
         (cfg.backend in ("auto", "ext", "torch"), f"--backend must be auto, ext or torch, got {cfg.backend!r}"),
         (cfg.clip == "tiny" or cfg.clip_path is not None,

@@ -76,6 +76,8 @@ def test_every_model_option_reaches_the_model():
     assert type(m.centrality_k) is int and type(m.text_cluster_ratio) is float
     with pytest.raises(ValueError, match="nbi_normalize_over must be 'complement' or 'neighbors', got 'all'"):
         C.resolve_config(parser.parse_args(["--nbi-normalize-over", "all"]))
+    with pytest.raises(ValueError, match="centrality must be 'mean' or 'knn', got 'max'"):
+        C.resolve_config(parser.parse_args(["--centrality", "max"]))
 
 
 def test_resume_continues_the_loss_curve(data_env, tmp_path):
