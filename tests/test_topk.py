@@ -267,10 +267,11 @@ def test_cpp_checks_match_python_messages():
             torch.ops.nbretr.topk_centrality_dot(q, g, k, kw.get("exclude_self", False), kw.get("q_offset", 0), c, s)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_opcheck(device, dtype):
     require_ext(device)
-    q = torch.randn(7, 5, device=device)
-    g = torch.randn(11, 5, device=device)
+    q = torch.randn(7, 5, device=device).to(dtype)
+    g = torch.randn(11, 5, device=device).to(dtype)
     c = torch.zeros(11, dtype=torch.int64, device=device)
     s = torch.zeros(11, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.nbretr.topk_centrality_dot, (q, g, 3, False, 0, c, s),

@@ -346,7 +346,7 @@ def test_device_mismatch_error():
 
 # -- registration -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_opcheck(device, dtype):
     require_ext(device)
     t, mt, wt, v, mv, wv = make(3, 4, 5, 3, 8, dtype=dtype, device=device)
