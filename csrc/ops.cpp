@@ -44,4 +44,8 @@ TORCH_LIBRARY(nbretr, m) {
   // query row r is gallery item r + q_offset and is never a candidate (nor summed).
   m.def("topk_centrality_dot(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
         "Tensor(a!) counts, Tensor(b!) sums) -> (Tensor, Tensor)");
+  // Test hook (CPU only): the same with the CPU engine's query chunk, gallery tile and epoch
+  // (csrc/cpu/topk_engine.h) set, so that small inputs cross every boundary.
+  m.def("_topk_centrality_dot_tiled(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
+        "Tensor(a!) counts, Tensor(b!) sums, int q_chunk, int g_tile, int epoch) -> (Tensor, Tensor)");
 }

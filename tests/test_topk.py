@@ -297,6 +297,27 @@ def test_torch_path_tiling_does_not_change_results():
         assert torch.equal(v, ref[0]) and torch.equal(i, ref[1]) and torch.equal(c, ref[2]) and torch.equal(s, ref[3])
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("k", [1, 9, 40])
+def test_cpu_engine_chunks_tiles_and_epochs(exclude_self, k):
+    """The CPU engine (csrc/cpu/topk_engine.h) through its test hook, with query chunks,
+    gallery tiles and epochs small enough that small inputs cross every boundary: a
+    candidate reservoir cut back many times (k = 1), epochs shorter than k (their lists
+    merged), and tiles wide enough for the first-tile bound (>= 1024 columns)."""
+    require_ext("cpu")
+    x = torch.randint(-2, 3, (300, 5)).float()  # tie groups everywhere
+    x[299] = x[0]
+    g = torch.cat([x, torch.randint(-2, 3, (1700, 5)).float()])
+    ref = oracle(x, g, k, exclude_self=exclude_self)
+    for qc, gt, ep in [(7, 13, 5), (64, 100, 230), (300, 2000, 2000), (50, 1024, 1100), (33, 1500, 3)]:
+        c = torch.zeros(2000, dtype=torch.int64)
+        s = torch.zeros(2000, dtype=torch.float64)
+        v, i = torch.ops.nbretr._topk_centrality_dot_tiled(x, g, k, exclude_self, 0, c, s, qc, gt, ep)
+        what = f"q_chunk={qc} g_tile={gt} epoch={ep}"
+        assert torch.equal(v, ref[0]) and torch.equal(i, ref[1]), what
+        assert torch.equal(c, ref[2]) and torch.equal(s, ref[3]), what
+
+
 @pytest.mark.needs_cuda
 def test_cuda_non_default_stream():
     require_ext("cuda")

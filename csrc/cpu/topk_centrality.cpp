@@ -13,9 +13,9 @@
 namespace nbretr {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cpu(const at::Tensor& q, const at::Tensor& g, int64_t k,
-                                                           bool exclude_self, int64_t q_offset, at::Tensor& counts,
-                                                           at::Tensor& sums) {
+std::tuple<at::Tensor, at::Tensor> topk_dot_cpu(const at::Tensor& q, const at::Tensor& g, int64_t k, bool exclude_self,
+                                                int64_t q_offset, at::Tensor& counts, at::Tensor& sums,
+                                                TopkCpuTiling tiling) {
   check_topk_dot_args(q, g, k, exclude_self, q_offset, counts, sums, c10::DeviceType::CPU);
   const int64_t Q = q.size(0), G = g.size(0);
   at::Tensor values = at::empty({Q, k}, q.options().dtype(at::kFloat));
@@ -29,12 +29,30 @@ std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cpu(const at::Tensor& q, 
     if (cast_q) qb = qb.to(at::kFloat);
     at::mm_out(out, qb, gf.narrow(0, g0, gn).t());
   };
-  topk_centrality_cpu_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts, sums);
+  topk_centrality_cpu_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts, sums, tiling);
   return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cpu(const at::Tensor& q, const at::Tensor& g, int64_t k,
+                                                           bool exclude_self, int64_t q_offset, at::Tensor& counts,
+                                                           at::Tensor& sums) {
+  return topk_dot_cpu(q, g, k, exclude_self, q_offset, counts, sums, {});
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_tiled_cpu(const at::Tensor& q, const at::Tensor& g, int64_t k,
+                                                                 bool exclude_self, int64_t q_offset,
+                                                                 at::Tensor& counts, at::Tensor& sums, int64_t q_chunk,
+                                                                 int64_t g_tile, int64_t epoch) {
+  NBRETR_CHECK_ARG(q_chunk >= 1 && g_tile >= 1 && epoch >= 1, "_topk_centrality_dot_tiled",
+                   "q_chunk, g_tile and epoch must be >= 1, got ", q_chunk, ", ", g_tile, ", ", epoch);
+  return topk_dot_cpu(q, g, k, exclude_self, q_offset, counts, sums, {q_chunk, g_tile, epoch});
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nbretr, CPU, m) { m.impl("topk_centrality_dot", &topk_centrality_dot_cpu); }
+TORCH_LIBRARY_IMPL(nbretr, CPU, m) {
+  m.impl("topk_centrality_dot", &topk_centrality_dot_cpu);
+  m.impl("_topk_centrality_dot_tiled", &topk_centrality_dot_tiled_cpu);
+}
 
 }  // namespace nbretr
