@@ -1,6 +1,7 @@
 // topk_centrality, sim="dot", CUDA: every tile is one matrix product on the current
 // stream (at::mm_out: cuBLAS; fp16/bf16 with fp32 output where torch has mm(out_dtype),
-// else on fp32 casts), then selection, sums and counts of csrc/cuda/topk_engine.cuh.
+// else on fp32 casts), then selection and counts of csrc/cuda/topk_engine.cuh; the sums
+// without tiles (csrc/common/topk_dot_sums.h, the CPU kernel's code).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,6 +9,7 @@
 #include <tuple>
 
 #include "common/topk_checks.h"
+#include "common/topk_dot_sums.h"
 #include "common/torch_compat.h"
 #include "cuda/topk_engine.cuh"
 
@@ -37,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cuda(const at::Tensor& q,
 #endif
     at::mm_out(out, a, b);
   };
-  topk_centrality_cuda_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts, sums);
+  topk_centrality_cuda_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts);
+  topk_add_dot_sums(qc, gc, exclude_self, q_offset, sums);
   return {values, indices};
 }
 

@@ -8,9 +8,8 @@
 //    is scanned in chunks of P columns; values that beat the current k-th entry are
 //    appended to slots [P, 2P); when any arrived, the 2P slots are bitonic-sorted best-first
 //    (topk_bitonic_step) and the best k kept. P = max(256, next power of two >= k).
-//  - column sums: fixed row segments into fp64 partials, reduced in segment order
-//    (deterministic; no floating-point atomics).
-// After the last tile of a chunk, counts get one integer atomicAdd per (row, slot).
+// After the last tile of a chunk, counts get one integer atomicAdd per (row, slot). The
+// similarity sums are the caller's (sim="dot": csrc/common/topk_dot_sums.h, no tile).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,8 +23,6 @@ namespace nbretr {
 namespace topk_cuda {
 
 constexpr int kSelectThreads = 256;
-constexpr int kSumThreads = 256;
-constexpr int64_t kSumRowsPerSegment = 128;
 
 inline int select_slots(int64_t k) {  // P
   int p = kSelectThreads;
@@ -101,31 +98,6 @@ __global__ void select_tile_kernel(const float* __restrict__ tile, int64_t qn, i
   if (tid == 0) run_n[r] = n;
 }
 
-// partial[seg, j] = sum over rows of segment seg (in order) of tile[r, j], self skipped.
-__global__ void column_partial_kernel(const float* __restrict__ tile, int64_t qn, int64_t gn, int64_t g0,
-                                      int64_t row0, bool exclude_self, int64_t q_offset,
-                                      double* __restrict__ partial) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t seg = blockIdx.y;
-  if (j >= gn) return;
-  const int64_t r0 = seg * kSumRowsPerSegment;
-  const int64_t r1 = qn < r0 + kSumRowsPerSegment ? qn : r0 + kSumRowsPerSegment;
-  double acc = 0.0;
-  for (int64_t r = r0; r < r1; ++r) {
-    if (!topk_is_self(exclude_self, row0 + r, q_offset, g0 + j)) acc += static_cast<double>(tile[r * gn + j]);
-  }
-  partial[seg * gn + j] = acc;
-}
-
-__global__ void column_reduce_kernel(const double* __restrict__ partial, int64_t nseg, int64_t gn,
-                                     double* __restrict__ sums) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= gn) return;
-  double acc = 0.0;
-  for (int64_t s = 0; s < nseg; ++s) acc += partial[s * gn + j];
-  sums[j] += acc;
-}
-
 // Slots left at the sentinel index (a row whose similarities are all NaN, from fp32 overflow
 // of finite inputs) are not counted rather than written out of bounds.
 __global__ void count_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t G,
@@ -144,12 +116,12 @@ struct TopkCudaTiling {
 };
 
 // As topk_centrality_cpu_run (csrc/cpu/topk_engine.h): values [Q,k] fp32, indices [Q,k]
-// int64 written; counts [G] int64, sums [G] fp64 accumulated. Arguments already checked;
+// int64 written; counts [G] int64 accumulated. Arguments already checked;
 // the caller holds the device guard. tile_fn(q0, qn, g0, gn, out) fills out [qn, gn] fp32.
 template <class TileFn>
 void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self, int64_t q_offset,
                               TileFn&& tile_fn, at::Tensor& values, at::Tensor& indices, at::Tensor& counts,
-                              at::Tensor& sums, TopkCudaTiling tiling = {}) {
+                              TopkCudaTiling tiling = {}) {
   using namespace topk_cuda;
   if (Q == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -157,8 +129,6 @@ void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self
   const int64_t gt = std::max<int64_t>(1, std::min(tiling.g_tile, G));
   const auto opts = values.options();
   at::Tensor tile_buf = at::empty({qc * gt}, opts.dtype(at::kFloat));
-  const int64_t max_seg = (qc + kSumRowsPerSegment - 1) / kSumRowsPerSegment;
-  at::Tensor partial = at::empty({max_seg * gt}, opts.dtype(at::kDouble));
   at::Tensor run_n = at::empty({qc}, opts.dtype(at::kInt));
   const int P = select_slots(k);
   const size_t smem = static_cast<size_t>(2 * P) * (sizeof(float) + sizeof(int64_t));
@@ -174,14 +144,6 @@ void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self
       const float* tp = tile.const_data_ptr<float>();
       select_tile_kernel<<<static_cast<unsigned>(qn), kSelectThreads, smem, stream>>>(
           tp, qn, gn, g0, q0, exclude_self, q_offset, rv, ri, run_n.data_ptr<int>(), static_cast<int>(k), P);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t nseg = (qn + kSumRowsPerSegment - 1) / kSumRowsPerSegment;
-      const unsigned col_blocks = static_cast<unsigned>((gn + kSumThreads - 1) / kSumThreads);
-      column_partial_kernel<<<dim3(col_blocks, static_cast<unsigned>(nseg)), kSumThreads, 0, stream>>>(
-          tp, qn, gn, g0, q0, exclude_self, q_offset, partial.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      column_reduce_kernel<<<col_blocks, kSumThreads, 0, stream>>>(partial.data_ptr<double>(), nseg, gn,
-                                                                    sums.data_ptr<double>() + g0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t ne = qn * k;

@@ -103,9 +103,9 @@ def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: b
         counts: int64 [G], accumulated into in place (k-occurrence N_k); new zeros if None.
         sums: float64 [G], accumulated into in place (sum over queries of the similarity;
             soft centrality = sums / total queries); new zeros if None. The torch path
-            and CUDA add the fp32 tile values in fp64; the CPU kernel uses linearity,
-            ``(sum_i q_i) . g_j`` in fp64, so sim="dot" sums may differ in the last bits
-            of fp32 rounding between backends.
+            adds the fp32 tile values in fp64; the extension (CPU and CUDA) uses
+            linearity, ``(sum_i q_i) . g_j`` in fp64, so sim="dot" sums differ between
+            the two at the level of fp32 rounding.
         q_offset: with ``exclude_self``, the gallery index of query row 0, so chunks of a
             self-set (or one rank's share in DDP) can be streamed: needs
             ``0 <= q_offset`` and ``q_offset + Q <= G``. Ignored otherwise.
