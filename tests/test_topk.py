@@ -319,6 +319,36 @@ def test_cpu_engine_chunks_tiles_and_epochs(exclude_self, k):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("rounds", ["1", "3", ""])
+@pytest.mark.parametrize("k", [1, 64, 300])
+def test_cuda_scan_rounds(monkeypatch, rounds, k):
+    """The CUDA selection scans a full list's tile row in rounds of NBRETR_TOPK_CUDA_ROUNDS
+    x P columns (default 16; 1 = P-column rounds); a round with more than P candidates
+    (tie groups from small integers) is scanned again P columns at a time."""
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    q, g = int_data(40, 9000, 3, "cuda", torch.float32, lo=-1, hi=2)
+    v, i, c, s = ops.topk_centrality(q, g, k, backend="ext")
+    ov, oi, oc, os_ = oracle(q, g, k)
+    assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_)
+    x = torch.randn(300, 16, device="cuda")  # random reals, a set against itself plus more
+    gal = torch.cat([x, torch.randn(8000, 16, device="cuda")])
+    v, i, c, _ = ops.topk_centrality(x, gal, 5, exclude_self=True, backend="ext")
+    ov, oi, _, _ = oracle(x, gal, 5, exclude_self=True)
+    assert_faiss_equivalent(v, i, ov, oi, x.double() @ gal.double().T, atol=1e-4)
+    assert not (i == torch.arange(300, device="cuda")[:, None]).any() and int(c.sum()) == 300 * 5
+
+
+@pytest.mark.needs_cuda
+def test_cuda_scan_rounds_bad_value(monkeypatch):
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", "0")
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="NBRETR_TOPK_CUDA_ROUNDS"):
+        ops.topk_centrality(x, x, 2, backend="ext")
+
+
+@pytest.mark.needs_cuda
 def test_cuda_non_default_stream():
     require_ext("cuda")
     q, g = int_data(20, 3000, 8, "cuda", torch.float32)

@@ -5,9 +5,12 @@
 // (csrc/cuda/topk_centrality.cu), sim="wti" can pass its token-wise kernel. Per tile:
 //  - select: one block per tile row. The row's running top-k (global memory, sorted by the
 //    tie rule of csrc/common/topk.h) is loaded into shared memory slots [0, P); the tile row
-//    is scanned in chunks of P columns; values that beat the current k-th entry are
-//    appended to slots [P, 2P); when any arrived, the 2P slots are bitonic-sorted best-first
+//    is scanned in rounds; values that beat the current k-th entry are appended to slots
+//    [P, 2P); when any arrived, the 2P slots are bitonic-sorted best-first
 //    (topk_bitonic_step) and the best k kept. P = max(256, next power of two >= k).
+//    A round is P columns while the list is not full, then `wide` columns (rounds * P:
+//    fewer barriers; the threshold rises once per round). A wide round with more than P
+//    candidates is scanned again P columns at a time.
 // After the last tile of a chunk, counts get one integer atomicAdd per (row, slot). The
 // similarity sums are the caller's (sim="dot": csrc/common/topk_dot_sums.h, no tile).
 #pragma once
@@ -16,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "common/topk.h"
 
@@ -30,10 +34,11 @@ inline int select_slots(int64_t k) {  // P
   return p;
 }
 
-// grid.x = qn rows; dynamic shared memory 2P * (4 + 8) bytes.
+// grid.x = qn rows; dynamic shared memory 2P * (4 + 8) bytes; wide >= P.
 __global__ void select_tile_kernel(const float* __restrict__ tile, int64_t qn, int64_t gn, int64_t g0,
                                    int64_t row0, bool exclude_self, int64_t q_offset, float* __restrict__ run_v,
-                                   int64_t* __restrict__ run_i, int* __restrict__ run_n, int k, int P) {
+                                   int64_t* __restrict__ run_i, int* __restrict__ run_n, int k, int P,
+                                   int64_t wide) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* si = reinterpret_cast<int64_t*>(smem_raw);          // 2P indices (8-byte aligned first)
   float* sv = reinterpret_cast<float*>(si + 2 * P);           // 2P values
@@ -52,24 +57,33 @@ __global__ void select_tile_kernel(const float* __restrict__ tile, int64_t qn, i
   }
   __syncthreads();
   const int64_t self_col = exclude_self ? row0 + r + q_offset - g0 : -1;
-  for (int64_t c0 = 0; c0 < gn; c0 += P) {
+  int64_t narrow_until = 0;  // columns before it go P at a time (a wide round overflowed)
+  for (int64_t c0 = 0; c0 < gn;) {
     const bool full = n >= k;  // uniform: n only changes below, after a barrier
     const float thr_v = full ? sv[k - 1] : neg_inf;
     const int64_t thr_i = full ? si[k - 1] : kTopkNoIndex;
+    const int64_t width = full && c0 >= narrow_until ? wide : P;
     if (tid == 0) s_count = 0;
     __syncthreads();
-    const int64_t c1 = gn < c0 + P ? gn : c0 + P;
+    const int64_t c1 = gn - c0 < width ? gn : c0 + width;
     for (int64_t j = c0 + tid; j < c1; j += blockDim.x) {
       const float v = row[j];
       if (j != self_col && (!full || topk_better(v, g0 + j, thr_v, thr_i))) {
-        const int pos = atomicAdd(&s_count, 1);  // pos < P: at most P columns per chunk
-        sv[P + pos] = v;
-        si[P + pos] = g0 + j;
+        const int pos = atomicAdd(&s_count, 1);  // < P in a round of P columns
+        if (pos < P) {
+          sv[P + pos] = v;
+          si[P + pos] = g0 + j;
+        }
       }
     }
     __syncthreads();
     const int cnt = s_count;
     __syncthreads();  // every thread has read s_count before thread 0 resets it
+    if (cnt > P) {  // uniform; only a wide round: scan its columns again, P at a time
+      narrow_until = c1;
+      continue;
+    }
+    c0 = c1;
     if (cnt == 0) continue;  // uniform across the block
     for (int s = P + cnt + tid; s < 2 * P; s += blockDim.x) {
       sv[s] = neg_inf;
@@ -113,7 +127,20 @@ __global__ void count_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t
 struct TopkCudaTiling {
   int64_t q_chunk = 2048;
   int64_t g_tile = 32768;
+  int64_t rounds = 16;  // a full list's scan round, in units of P columns (1: P-column rounds)
 };
+
+// NBRETR_TOPK_CUDA_ROUNDS=n (n >= 1) sets TopkCudaTiling::rounds; 1 gives the P-column
+// rounds of the kernel as first measured on a GPU. Anything else is an error naming it.
+inline int64_t topk_cuda_rounds_from_env(int64_t fallback) {
+  const char* e = std::getenv("NBRETR_TOPK_CUDA_ROUNDS");
+  if (e == nullptr || *e == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(e, &end, 10);
+  TORCH_CHECK(*end == '\0' && v >= 1 && v <= 4096, "nbretr: NBRETR_TOPK_CUDA_ROUNDS must be an integer in [1, 4096], got '",
+              e, "'");
+  return v;
+}
 
 // As topk_centrality_cpu_run (csrc/cpu/topk_engine.h): values [Q,k] fp32, indices [Q,k]
 // int64 written; counts [G] int64 accumulated. Arguments already checked;
@@ -131,6 +158,7 @@ void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self
   at::Tensor tile_buf = at::empty({qc * gt}, opts.dtype(at::kFloat));
   at::Tensor run_n = at::empty({qc}, opts.dtype(at::kInt));
   const int P = select_slots(k);
+  const int64_t wide = static_cast<int64_t>(P) * std::max<int64_t>(1, tiling.rounds);
   const size_t smem = static_cast<size_t>(2 * P) * (sizeof(float) + sizeof(int64_t));
   for (int64_t q0 = 0; q0 < Q; q0 += qc) {
     const int64_t qn = std::min(qc, Q - q0);
@@ -143,7 +171,8 @@ void topk_centrality_cuda_run(int64_t Q, int64_t G, int64_t k, bool exclude_self
       tile_fn(q0, qn, g0, gn, tile);
       const float* tp = tile.const_data_ptr<float>();
       select_tile_kernel<<<static_cast<unsigned>(qn), kSelectThreads, smem, stream>>>(
-          tp, qn, gn, g0, q0, exclude_self, q_offset, rv, ri, run_n.data_ptr<int>(), static_cast<int>(k), P);
+          tp, qn, gn, g0, q0, exclude_self, q_offset, rv, ri, run_n.data_ptr<int>(), static_cast<int>(k), P,
+          wide);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t ne = qn * k;
