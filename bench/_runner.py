@@ -159,7 +159,9 @@ def run_case(name: str, impl: str, params: dict, fn: Callable[[], object], devic
         ms = time_fn(fn, device, warmup=warmup, repeats=repeats)
         mem, out = peak_mb(fn, device) if memory else (float("nan"), float("nan"))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if "out of memory" not in str(err).lower() and not isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        msg = str(err).lower()
+        if ("out of memory" not in msg and "can't allocate memory" not in msg
+                and not isinstance(err, (torch.OutOfMemoryError, MemoryError))):
             raise
         ms, mem, out = float("inf"), float("inf"), float("nan")
     return Result(name, impl, params, ms, mem, extra or {}, out)

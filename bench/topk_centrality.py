@@ -9,6 +9,9 @@ matrix product; GPU within 1.5x of the bare tiled product.
   python bench/topk_centrality.py                 # CPU default: N = 10k, 20k
   python bench/topk_centrality.py --sizes 50000   # one size
   python bench/topk_centrality.py --device cuda   # GPU default: N = 200k (fp32, bf16), 1M (bf16)
+  python bench/topk_centrality.py --sizes 100000 --untiled --no-torch --no-faiss --ks 10 --dtypes float32
+      # with the untiled formulation (q @ g.T, then topk: the reference code's), which
+      # holds the whole Q x G matrix and fails where it does not fit
 """
 from __future__ import annotations
 
@@ -46,6 +49,15 @@ def bare_mm(q, g, device):
     return run
 
 
+def untiled(q, g, k):
+    """The reference code's formulation: the whole [Q, G] similarity matrix, then topk."""
+    def run():
+        s = q.float() @ g.float().T
+        v, i = s.topk(k, dim=1)
+        return v, i, torch.bincount(i.flatten(), minlength=g.shape[0]), s.sum(0, dtype=torch.float64)
+    return run
+
+
 def check(q, g, k, device, use_faiss):
     """Correctness first: ext, torch and faiss agree (faiss way) on the first rows."""
     sub = q[:256]
@@ -74,6 +86,10 @@ def main() -> int:
     p.add_argument("--time-cap", type=float, default=float("inf"),
                    help="seconds; skip the remaining cases once the sweep has run this long")
     p.add_argument("--no-torch", action="store_true", help="skip the torch path (slow at large N)")
+    p.add_argument("--no-faiss", action="store_true", help="skip faiss (slow at large N)")
+    p.add_argument("--untiled", action="store_true",
+                   help="also time the untiled formulation (the whole Q x G matrix, then topk); "
+                        "where it does not fit, its row says so")
     p.add_argument("--fp32-max", type=int, default=None,
                    help="time float32 only up to this N (larger N: the half-precision dtypes only)")
     p.set_defaults(repeats=2)
@@ -117,7 +133,7 @@ def main() -> int:
                 if time.perf_counter() - t_start > args.time_cap:
                     skipped.append(f"N={N} {dname} k={k}")
                     continue
-                use_faiss = faiss is not None and not on_gpu
+                use_faiss = faiss is not None and not on_gpu and not args.no_faiss
                 check(q, g, k, dev, use_faiss)
                 pk = dict(params, k=k)
                 # bare mm is k-independent: repeat its row per k for the table
@@ -132,6 +148,9 @@ def main() -> int:
                     results.append(_runner.run_case(
                         "topk", "torch path", pk, lambda: ops.topk_centrality(q, g, k, backend="torch"), dev,
                         warmup=1, repeats=args.repeats))
+                if args.untiled:
+                    results.append(_runner.run_case("topk", "untiled torch", pk, untiled(q, g, k), dev, warmup=0,
+                                                    repeats=1, extra={"matrix_gb": N * N * 4 / 1e9}))
                 if use_faiss:
                     import numpy as np
                     gn = g.float().numpy()
@@ -155,6 +174,10 @@ def main() -> int:
         bare = next(b for b in results if b.impl == "bare mm" and b.params == r.params)
         print(f"  N={r.params['N']:>7} k={r.params['k']:>4} {r.params['dtype']:<9} {r.impl:<18} "
               f"{r.ms / bare.ms:6.2f}x bare")
+    for r in results:
+        if r.impl == "untiled torch" and r.ms == float("inf"):
+            print(f"  N={r.params['N']:>7} untiled torch: cannot hold its {r.extra['matrix_gb']:.1f} GB "
+                  f"[Q, G] matrix on this machine; the extension ran this size (rows above)")
     if skipped:
         print(f"\nskipped (--time-cap {args.time_cap:g}s, --fp32-max): {', '.join(skipped)}")
     _runner.write_json(results, args.out, "topk_centrality")

@@ -3,6 +3,7 @@ memory is the peak beyond the returned outputs."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -57,3 +58,18 @@ def test_table_names_the_parameters_that_differ():
     assert [line.split()[:3] for line in lines] == [["topk", "k=10", "bare"], ["topk", "k=10", "ext"],
                                                     ["topk", "k=100", "bare"], ["topk", "k=100", "ext"]]
     assert " 2.00x" in lines[1] and " 2.00x" in lines[3]
+
+
+def test_a_case_that_cannot_allocate_is_recorded_not_raised():
+    """An allocation the machine refuses (torch's CPU allocator says "can't allocate
+    memory", CUDA "out of memory") marks the case infinite; other errors still raise."""
+    def refuse():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+    r = _runner.run_case("x", "untiled", {}, refuse, "cpu", warmup=0, repeats=1)
+    assert r.ms == float("inf") and r.peak_mb == float("inf")
+
+    def broken():
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _runner.run_case("x", "broken", {}, broken, "cpu", warmup=0, repeats=1)
