@@ -230,9 +230,9 @@ inline void sort_desc(uint64_t* a, int n, uint64_t* tmp) {
 // (capacity cap > k). Once it has held k or more it is "full": it keeps exactly the best
 // k, `thr` is the k-th best value, and a later column enters iff its value is strictly
 // greater (its index exceeds every held index, so an equal value ranks below). Entries
-// are appended; when the reservoir reaches cap it is cut back to the best k (one
-// nth_element, O(cap)) and thr rises. Sorting waits for the epoch's end: O(k log k) once
-// per row instead of per insertion or per tile.
+// are appended; when the reservoir fills (reaches cap, or on AVX-512 would pass it) it is
+// cut back to the best k (select_desc, O(cap)) and thr rises. Sorting waits for the
+// epoch's end: once per row instead of per insertion or per tile.
 constexpr int kReservoirSlack = 16;  // entries past cap that a vector store may write
 
 struct Reservoir {
@@ -274,10 +274,6 @@ inline bool first_tile_bound(const float* row, int64_t gn, int k, float* fold, f
   return *T > -std::numeric_limits<float>::infinity();
 }
 
-// Appends the columns j >= j0 of a tile row whose value exceeds the reservoir's threshold
-// (or `start`, a lower threshold, while it is not full), cutting back whenever it fills.
-// `col0`: the tile's first column within the epoch; `self_col`: the tile column of the
-// query's own item (-1: none).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // The AVX-512 scan: a block of 16 with any value above the threshold is packed into keys
 // in registers and appended by two compress-stores, instead of one key per set bit (a
@@ -325,6 +321,10 @@ __attribute__((target("avx512f"))) inline void scan_into_avx512(const float* row
 }
 #endif
 
+// Appends the columns >= j of a tile row whose value exceeds the reservoir's threshold
+// (or `start`, a lower threshold, while it is not full), cutting back whenever it fills.
+// `col0`: the tile's first column within the epoch; `self_col`: the tile column of the
+// query's own item (-1: none); tmp: cap entries of scratch.
 inline void scan_into(const float* row, int64_t j, int64_t gn, int64_t col0, int64_t self_col, float start,
                       Reservoir& r, int k, int cap, uint64_t* tmp) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
