@@ -1,5 +1,7 @@
-// Top-k lists with nbretr's tie rule, shared by the CPU and CUDA kernels of
-// topk_centrality (KERNELS.md section 2), so the CPU tests exercise the GPU's logic.
+// Top-k lists with nbretr's tie rule for the kernels of topk_centrality (KERNELS.md
+// section 2). The CUDA kernel orders candidates with topk_better and topk_bitonic_step; the
+// CPU kernel packs the same order into integer keys (csrc/cpu/topk_engine.h) and merges
+// lists with topk_merge (which the CPU tests run through topk_better).
 //
 // A top-k list is a pair of arrays (vals[0..n), idx[0..n)) kept sorted "best first":
 // descending value, equal values by ascending gallery index. Inputs are finite (the ops
@@ -18,26 +20,6 @@ constexpr int64_t kTopkMaxK = 1024;
 // true when (v1, i1) ranks before (v2, i2)
 NBRETR_HD bool topk_better(float v1, int64_t i1, float v2, int64_t i2) {
   return v1 > v2 || (v1 == v2 && i1 < i2);
-}
-
-// Whether (v, i) would enter a list holding n of at most k entries.
-NBRETR_HD bool topk_admits(const float* vals, const int64_t* idx, int n, int k, float v, int64_t i) {
-  return n < k || topk_better(v, i, vals[n - 1], idx[n - 1]);
-}
-
-// Inserts (v, i) into the sorted list of n entries (capacity k); the worst entry drops out
-// when the list is full. Returns the new length. O(k) shifts.
-NBRETR_HD int topk_insert(float* vals, int64_t* idx, int n, int k, float v, int64_t i) {
-  if (!topk_admits(vals, idx, n, k, v, i)) return n;
-  int pos = n < k ? n : k - 1;  // slot freed for the candidate, then shifted down to place
-  while (pos > 0 && topk_better(v, i, vals[pos - 1], idx[pos - 1])) {
-    vals[pos] = vals[pos - 1];
-    idx[pos] = idx[pos - 1];
-    --pos;
-  }
-  vals[pos] = v;
-  idx[pos] = i;
-  return n < k ? n + 1 : k;
 }
 
 // Merges two sorted lists (a: na entries, b: nb entries, no index in both) into out
@@ -59,12 +41,6 @@ NBRETR_HD int topk_merge(const float* av, const int64_t* ai, int na, const float
     ++n;
   }
   return n;
-}
-
-// Whether gallery item j is the query's own item: exclude_self maps query row r (global
-// row index within this call) to gallery item r + q_offset.
-NBRETR_HD bool topk_is_self(bool exclude_self, int64_t row, int64_t q_offset, int64_t j) {
-  return exclude_self && j == row + q_offset;
 }
 
 // One compare-exchange of a bitonic sort into best-first order over n = 2^m entries:

@@ -236,10 +236,10 @@ inline void sort_desc(uint64_t* a, int n, uint64_t* tmp) {
 constexpr int kReservoirSlack = 16;  // entries past cap that a vector store may write
 
 struct Reservoir {
-  uint64_t* keys;
-  int n;
-  bool full;
-  float thr;
+  uint64_t* keys = nullptr;
+  int n = 0;
+  bool full = false;
+  float thr = 0.0f;
 };
 
 inline void cut_to_k(Reservoir& r, int k, uint64_t* tmp) {
@@ -389,23 +389,23 @@ inline void finish_epoch_row(Reservoir& r, int k, int64_t base, float* vals, int
   const int m = std::min(r.n, k);
   if (r.n > k) select_desc(r.keys, r.n, k - 1, reinterpret_cast<uint64_t*>(ti));
   sort_desc(r.keys, m, reinterpret_cast<uint64_t*>(ti));
-  if (*len == 0) {  // the first epoch (all of them, unless G > 2^32 - 1)
-    for (int c = 0; c < m; ++c) {
-      vals[c] = candidate_value(r.keys[c]);
-      idx[c] = base + candidate_column(r.keys[c]);
-    }
+  // the first epoch (the only one, unless G > 2^32 - 1) unpacks straight into the list
+  const bool first = *len == 0;
+  float* uv = first ? vals : tv;
+  int64_t* ui = first ? idx : ti;
+  for (int c = 0; c < m; ++c) {
+    uv[c] = candidate_value(r.keys[c]);
+    ui[c] = base + candidate_column(r.keys[c]);
+  }
+  if (first) {
     *len = m;
   } else {
-    for (int c = 0; c < m; ++c) {
-      tv[c] = candidate_value(r.keys[c]);
-      ti[c] = base + candidate_column(r.keys[c]);
-    }
     const int out = topk_merge(vals, idx, *len, tv, ti, m, ov, oi, k);
     std::memcpy(vals, ov, sizeof(float) * out);
     std::memcpy(idx, oi, sizeof(int64_t) * out);
     *len = out;
   }
-  r.n = 0;
+  r.n = 0;  // empty for the next epoch or chunk
   r.full = false;
 }
 
@@ -436,8 +436,7 @@ void topk_centrality_cpu_run(int64_t Q, int64_t G, int64_t k, bool exclude_self,
 
   for (int64_t q0 = 0; q0 < Q; q0 += qc) {
     const int64_t qn = std::min(qc, Q - q0);
-    std::fill(lens.begin(), lens.end(), 0);
-    for (auto& r : res) r.n = 0, r.full = false;
+    std::fill(lens.begin(), lens.end(), 0);  // the reservoirs are empty: finish_epoch_row leaves them so
     for (int64_t base = 0; base < G; base += epoch) {
       const int64_t e_end = std::min(G, base + epoch);
       for (int64_t g0 = base; g0 < e_end; g0 += gt) {
