@@ -71,6 +71,18 @@ NBRETR_HD acc_t wti_pair_score(const WtiPair<acc_t>& p) {
   return acc_t(0.5) * (t2v + v2t);
 }
 
+// dL/draw[l, f] carried by row l's max when f is its arg-max (wti_row_coef) and by column
+// f's max when l is its arg-max (wti_col_coef), for half_g = dL/ds_ij / 2. Every backward
+// takes its coefficients from here, so that all of them round alike.
+template <typename acc_t>
+NBRETR_HD acc_t wti_row_coef(const WtiPair<acc_t>& p, acc_t half_g, int64_t l, int64_t f) {
+  return half_g * p.at[l] * p.mt[l] * p.mv[f];
+}
+template <typename acc_t>
+NBRETR_HD acc_t wti_col_coef(const WtiPair<acc_t>& p, acc_t half_g, int64_t l, int64_t f) {
+  return half_g * p.av[f] * p.mt[l] * p.mv[f];
+}
+
 // Backward of one pair for an upstream gradient g = dL/ds_ij. Calls
 //   on_weight_t(l, d a_t[l]),  on_weight_v(f, d a_v[f]),
 //   on_entry(l, f, c)  with c = dL/draw[l, f] for each arg-max entry (may repeat an entry:
@@ -85,13 +97,13 @@ NBRETR_HD void wti_pair_backward(const WtiPair<acc_t>& p, acc_t g, WT&& on_weigh
   for (int64_t l = 0; l < p.L; ++l) {
     wti_row_max(p, l, m, a);
     on_weight_t(l, half_g * m);
-    const acc_t c = half_g * p.at[l] * p.mt[l] * p.mv[a];
+    const acc_t c = wti_row_coef(p, half_g, l, a);
     if (c != acc_t(0)) on_entry(l, a, c);
   }
   for (int64_t f = 0; f < p.F; ++f) {
     wti_col_max(p, f, m, a);
     on_weight_v(f, half_g * m);
-    const acc_t c = half_g * p.av[f] * p.mt[a] * p.mv[f];
+    const acc_t c = wti_col_coef(p, half_g, a, f);
     if (c != acc_t(0)) on_entry(a, f, c);
   }
 }

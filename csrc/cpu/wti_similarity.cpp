@@ -404,19 +404,21 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
     return RowSums<acc_t>(static_cast<char*>(sums_mem[r].data_ptr()), rows, cap);
   };
   // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
-  // from its arg-maxes, coefficients exactly as wti_pair_backward: dL/dt_il += c v_jf and
-  // dL/dv_jf += c t_il; the dL/dt and the dL/dv sums walk the same entries.
+  // from its arg-maxes, coefficients as in wti_pair_backward (csrc/common/wti.h):
+  // dL/dt_il += c v_jf and dL/dv_jf += c t_il; the dL/dt and the dL/dv sums walk the
+  // same entries.
   auto for_each_coef = [&](int64_t i, int64_t j, acc_t hg, auto&& visit) {
     const idx_t* ar = arp + (i * Bv + j) * L;
     const idx_t* ac = acp + (i * Bv + j) * F;
+    const WtiPair<acc_t> pair{nullptr, 0, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};  // no S needed
     for (int64_t l = 0; l < L; ++l) {
       const int64_t a = ar[l];
-      const acc_t c = hg * wt[i * L + l] * mt[i * L + l] * mv[j * F + a];
+      const acc_t c = wti_row_coef(pair, hg, l, a);
       if (c != acc_t(0)) visit(l, a, c);
     }
     for (int64_t f = 0; f < F; ++f) {
       const int64_t a = ac[f];
-      const acc_t c = hg * wv[j * F + f] * mt[i * L + a] * mv[j * F + f];
+      const acc_t c = wti_col_coef(pair, hg, a, f);
       if (c != acc_t(0)) visit(a, f, c);
     }
   };
