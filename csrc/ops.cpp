@@ -37,6 +37,11 @@ TORCH_LIBRARY(nbretr, m) {
         "int tile_rows, int tile_cols) -> Tensor");
   m.def("_wti_tiled_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
         "Tensor v_weight, int tile_rows, int tile_cols) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Test hook (CPU only): how the CPU kernel would cut these inputs: int64 [kept text
+  // tokens, kept video frames, text blocks, video blocks] (masked tokens are dropped from
+  // the products where that is exact; grad: the backward's upstream gradient, if any).
+  m.def("_wti_cpu_plan(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
+        "Tensor? grad) -> Tensor");
 
   // KERNELS.md 2, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
   // top-k (descending; ties: lower gallery index first); adds the k-occurrences into

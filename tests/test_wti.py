@@ -434,6 +434,79 @@ def test_tiled_driver_ties_and_masks_exact(tile):
     assert (gt[mt == 0] == 0).all() and (gv[mv == 0] == 0).all()
 
 
+def _exact_inputs(Bt, Bv, L, F, D, dtype, seed=5):
+    """Small-integer tokens, masks with zeros (whole items too) and non-binary values,
+    dyadic weights, integer upstream gradients: every product and sum is exact in any
+    order, ties and exact zeros abound."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(-2, 3, (Bt, L, D), generator=gen).to(dtype)
+    v = torch.randint(-2, 3, (Bv, F, D), generator=gen).to(dtype)
+    vals = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 0.5])
+    mt = vals[torch.randint(0, 6, (Bt, L), generator=gen)]
+    mv = vals[torch.randint(0, 6, (Bv, F), generator=gen)]
+    mt[Bt // 2] = 0  # a text, and a video, with every token masked
+    mv[Bv // 2] = 0
+    mt[0], mv[0] = 1, 1  # and one with none
+    wt, wv = (mt != 0).float() * 0.25, (mv != 0).float() * 0.5
+    gout = torch.randint(-3, 4, (Bt, Bv), generator=gen).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return (t, mt, wt, v, mv, wv), gout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(9, 11, 7, 5, 4), (40, 37, 9, 5, 3), (70, 30, 32, 12, 6), (40, 200, 32, 12, 4),
+                                   (5, 300, 6, 12, 4)])
+def test_cpu_kernel_drops_masked_tokens_exactly(monkeypatch, shape, dtype):
+    """The CPU kernel leaves masked tokens out of its products and puts their zeros back
+    into each max (csrc/cpu/wti_similarity.cpp, "the kept tokens"): on exact inputs its
+    outputs and gradients must equal, bit for bit, those of the same kernel keeping every
+    token (NBRETR_WTI_CPU_COMPACT=0) and those of the tiled driver, which never drops.
+    Shapes: few and many text blocks (dL/dt in its own pass or right after each tile),
+    the texts or the videos as the side compacted whole."""
+    require_ext("cpu")
+    args, gout = _exact_inputs(*shape, dtype)
+    mt, mv = args[1], args[4]
+    plan = torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()
+    assert plan[:2] == [int((mt != 0).sum()), int((mv != 0).sum())]  # tokens were dropped
+    dropped = _ext_grads(args, gout)
+    tiled = _tiled_grads(args, gout, (40, 30))
+    monkeypatch.setenv("NBRETR_WTI_CPU_COMPACT", "0")
+    assert torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()[:2] == [mt.numel(), mv.numel()]
+    kept = _ext_grads(args, gout)
+    for name, a, b, c in zip(["s", "t", "t_weight", "v", "v_weight"], dropped, kept, tiled):
+        assert torch.equal(a, b), name
+        assert torch.equal(a, c), name
+    # a masked token's gradient is 0, a kept one's is not (somewhere)
+    assert (dropped[1][mt == 0] == 0).all() and dropped[1][mt != 0].abs().sum() > 0
+
+
+def test_cpu_kernel_keeps_masked_tokens_when_dropping_is_not_exact():
+    """Dropping a masked token is exact only while its products are finite (then they are
+    +-0): a NaN or an Inf anywhere, products that may overflow, or a non-finite weight or
+    upstream gradient make the kernel keep every token, NaNs where the full scan has them."""
+    require_ext("cpu")
+    args, gout = _exact_inputs(6, 7, 5, 4, 3, torch.float32)
+    t, mt, wt, v, mv, wv = args
+    full = [mt.numel(), mv.numel()]
+    plan = lambda *a, g=None: torch.ops.nbretr._wti_cpu_plan(*a, g).tolist()[:2]  # noqa: E731
+    assert plan(*args) != full
+    i, l = (mt == 0).nonzero()[0].tolist()
+    for bad in (float("nan"), float("inf"), 1e37):  # 1e37: D * max|t| * max|v| * max|m_t| * max|m_v| > FLT_MAX / 4
+        t2 = t.clone()
+        t2[i, l, 0] = bad  # a masked token
+        assert plan(t2, mt, wt, v, mv, wv) == full, bad
+    s = torch.ops.nbretr.wti_similarity(t2, mt, wt, v, mv, wv)  # no product overflows, only the bound
+    assert torch.isfinite(s).all()
+    t2[i, l, 0] = float("nan")
+    s = torch.ops.nbretr.wti_similarity(t2, mt, wt, v, mv, wv)
+    assert s[i].isnan().any()  # the masked NaN token's row of S is NaN * 0 = NaN, kept by the scan
+    wt2 = wt.clone()
+    wt2[0, 0] = float("inf")
+    assert plan(t, mt, wt2, v, mv, wv) == full
+    g2 = gout.clone()
+    g2[0, 0] = float("nan")
+    assert plan(*args, g=g2) == full and plan(*args, g=gout) != full
+
+
 def test_tiled_driver_half_inputs_and_errors():
     require_ext("cpu")
     args = make(6, 5, 7, 4, 16, dtype=torch.bfloat16)

@@ -1,8 +1,13 @@
 // wti_similarity, CPU. Texts and videos are cut into blocks of about kRows tokens and
-// kCols frames; each (text block, video block) task computes its raw dot products as one
-// GEMM tile [nt*L, nv*F] (at::mm, fp32 or fp64 accumulation) and reduces every pair in it
-// with the max-and-weigh step of csrc/common/wti.h. Memory: one tile per running task,
-// never [Bt, Bv, L, F].
+// kCols frames (their counts a multiple of the thread count where possible); each (text
+// block, video block) task computes its raw dot products as one GEMM tile (at::mm, fp32 or
+// fp64 accumulation) and reduces every pair in it with the max-and-weigh step of
+// csrc/common/wti.h. The tiles hold only the tokens whose mask is not 0 ("kept"): a masked
+// entry of S is 0 and is put back into each max without being computed, which is exact
+// while the products are finite (see "the kept tokens" below). The side with fewer kept
+// tokens is compacted whole, the other block by block (its blocks outermost, so each is
+// compacted once per thread; views when nothing is dropped). Memory: one tile per running
+// task and the compacted side, never [Bt, Bv, L, F].
 //
 // Backward: one GEMM recompute per tile (tasks split among threads as in the forward)
 // stores every pair's arg-maxes ([Bt, Bv, L] and [Bt, Bv, F], uint8 while L, F <= 256,
@@ -24,6 +29,11 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -115,13 +125,212 @@ void pair_max(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
   pair_max_scan(p, best, arg);
 }
 
-// s_ij of one pair from its maxes: wti_pair_score's sums, in its order
+// ---- the kept tokens ------------------------------------------------------------------
+//
+// A masked entry of S is raw * m_t * m_v = 0, so a masked token's dot products need not be
+// computed: the GEMM tiles take the tokens with a nonzero mask only ("kept"), and each
+// pair's maxes over its kept block are completed with the dropped entries' zeros. A row
+// max over kept frames is b at frame a; with a dropped frame (the first at f0) the row's
+// entries also hold zeros, so its max is b if b > 0, 0 at f0 if b < 0, and 0 at
+// min(a, f0) if b == 0 (ties to the lowest index, +0 == -0); a dropped token's row is
+// all zeros (max 0 at frame 0). Columns likewise. The result is the full scan's, maxes and
+// arg-maxes, provided every dropped product is finite (then it is +-0): tokens are dropped
+// only when D * max|t| * max|v| * max|m_t| * max|m_v| is finite, the weights and the
+// upstream gradient too (their products with a dropped entry are skipped as zeros), and
+// NBRETR_WTI_CPU_COMPACT is not "0". Otherwise every token is kept, as before.
+
 template <typename acc_t>
-acc_t pair_score(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
-  pair_max(p, best, arg);
+struct Side {
+  int64_t B = 0, N = 0, rows = 0;  // items, tokens per item, kept tokens
+  std::vector<int64_t> off;        // [B + 1]: item b's kept tokens are compact rows [off[b], off[b + 1])
+  std::vector<int32_t> tok;        // [rows]: a compact row's token index within its item
+  std::vector<int32_t> pos;        // [B * N]: token (b, n)'s compact row within its item, -1 if dropped
+  std::vector<acc_t> mask;         // [rows]: the kept tokens' mask values
+  std::vector<int32_t> first_drop; // [B]: the lowest dropped token of item b, N if none
+  std::vector<int64_t> blocks;     // block k is items [blocks[k], blocks[k + 1])
+  int64_t max_items = 0, max_rows = 0;
+
+  int64_t nblocks() const { return static_cast<int64_t>(blocks.size()) - 1; }
+  int64_t kept(int64_t b) const { return off[b + 1] - off[b]; }
+  bool dropped_any() const { return rows != B * N; }
+};
+
+// The side's kept tokens (every token unless `drop`) and its blocks of consecutive items:
+// about block_rows kept tokens each, at most 2 * block_rows / N items, their number a
+// multiple of the thread count where there are enough items (the passes that split blocks
+// among threads stay balanced), split where the running count of kept tokens plus items
+// crosses an equal share.
+template <typename acc_t>
+Side<acc_t> make_side(const acc_t* m, int64_t B, int64_t N, bool drop, int64_t block_rows) {
+  Side<acc_t> s;
+  s.B = B;
+  s.N = N;
+  s.off.resize(B + 1);
+  s.pos.assign(B * N, -1);
+  s.first_drop.assign(B, static_cast<int32_t>(N));
+  s.tok.reserve(B * N);
+  s.mask.reserve(B * N);
+  for (int64_t b = 0; b < B; ++b) {
+    s.off[b] = static_cast<int64_t>(s.tok.size());
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t x = m[b * N + n];
+      if (!drop || x != acc_t(0)) {
+        s.pos[b * N + n] = static_cast<int32_t>(s.tok.size() - s.off[b]);
+        s.tok.push_back(static_cast<int32_t>(n));
+        s.mask.push_back(x);
+      } else if (s.first_drop[b] == N) {
+        s.first_drop[b] = static_cast<int32_t>(n);
+      }
+    }
+  }
+  s.rows = s.off[B] = static_cast<int64_t>(s.tok.size());
+  const int64_t cap_items = 2 * std::max<int64_t>(1, block_rows / N);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nb = std::max<int64_t>({1, (s.rows + block_rows - 1) / block_rows, (B + cap_items - 1) / cap_items});
+  nb = std::min<int64_t>(B, (nb + threads - 1) / threads * threads);
+  const int64_t total = s.rows + B;  // an item weighs its kept tokens + 1
+  s.blocks.push_back(0);
+  for (int64_t b0 = 0, k = 1; b0 < B; ++k) {
+    int64_t b1 = b0 + 1;
+    while (b1 < B && b1 - b0 < cap_items && (s.off[b1] + b1) * nb < k * total) ++b1;
+    s.blocks.push_back(b1);
+    s.max_items = std::max(s.max_items, b1 - b0);
+    s.max_rows = std::max(s.max_rows, s.off[b1] - s.off[b0]);
+    b0 = b1;
+  }
+  return s;
+}
+
+// max |x| over a tensor as a double (inf or NaN when x holds one); 0 when empty
+double max_abs(const at::Tensor& x) {
+  if (x.numel() == 0) return 0;
+  const auto mm = at::aminmax(x);
+  const double lo = std::abs(std::get<0>(mm).item<double>()), hi = std::abs(std::get<1>(mm).item<double>());
+  return lo != lo || hi != hi ? std::numeric_limits<double>::quiet_NaN() : std::max(lo, hi);
+}
+
+// Whether masked tokens may be dropped (see above); `grad` may be undefined (forward).
+bool may_drop(const Prepared& p, const WtiDims& d, const at::Tensor& grad, double limit) {
+  const char* env = std::getenv("NBRETR_WTI_CPU_COMPACT");
+  if (env != nullptr && std::string(env) == "0") return false;
+  const double mt = max_abs(p.mt), mv = max_abs(p.mv);
+  const double raw = static_cast<double>(d.D) * max_abs(p.t) * max_abs(p.v) * mt * mv;
+  // a gradient coefficient is g/2 * weight * m_t * m_v (csrc/common/wti.h)
+  const double coef = (grad.defined() ? max_abs(grad) : 1.0) * (max_abs(p.at_) + max_abs(p.av)) * mt * mv;
+  return raw < limit && coef < limit;  // false for inf and NaN
+}
+
+// Both sides, tokens dropped where allowed and where a mask is 0.
+template <typename acc_t>
+std::pair<Side<acc_t>, Side<acc_t>> make_sides(const Prepared& p, const WtiDims& d, const at::Tensor& grad) {
+  const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
+  auto ts = make_side(mt, d.Bt, d.L, true, kRows);
+  auto vs = make_side(mv, d.Bv, d.F, true, kCols);
+  if ((ts.dropped_any() || vs.dropped_any()) &&
+      !may_drop(p, d, grad, static_cast<double>(std::numeric_limits<acc_t>::max()) / 4)) {
+    ts = make_side(mt, d.Bt, d.L, false, kRows);
+    vs = make_side(mv, d.Bv, d.F, false, kCols);
+  }
+  return {std::move(ts), std::move(vs)};
+}
+
+// The kept rows of items [b0, b1) of x2 ([B * N, D], any float dtype) in the accumulation
+// dtype, into dst ([off[b1] - off[b0], D]).
+template <typename acc_t>
+void copy_kept(const Side<acc_t>& s, const at::Tensor& x2, int64_t b0, int64_t b1, acc_t* dst, int64_t ld) {
+  const int64_t D = x2.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), "copy_kept", [&] {
+    const scalar_t* x = x2.const_data_ptr<scalar_t>();
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = s.off[b]; r < s.off[b + 1]; ++r) {
+        const scalar_t* src = x + (b * s.N + s.tok[r]) * D;
+        acc_t* out = dst + (r - s.off[b0]) * ld;
+        if constexpr (std::is_same_v<scalar_t, acc_t>)
+          std::copy(src, src + D, out);
+        else
+          for (int64_t k = 0; k < D; ++k) out[k] = static_cast<acc_t>(src[k]);
+      }
+  });
+}
+
+// Every kept row of the side, compact, in the accumulation dtype (x2 itself when nothing
+// is dropped and it has that dtype).
+// Row stride of the compact copies: a whole number of cache lines, odd, so that the rows'
+// chunks spread over the L1 sets (at D = 512 plain rows sit 2 KB apart, and the gather's
+// chunk of every source row would fall in the same few sets).
+inline int64_t padded_ld(int64_t D) {
+  const int64_t lines = (D + 15) / 16;
+  return (lines | 1) * 16;
+}
+
+template <typename acc_t>
+at::Tensor kept_whole(const Side<acc_t>& s, const at::Tensor& x2, const at::TensorOptions& aopt) {
+  if (!s.dropped_any() && x2.scalar_type() == aopt.dtype().toScalarType()) return x2;
+  const int64_t D = x2.size(1), ld = padded_ld(D);
+  at::Tensor out = at::empty({s.rows, ld}, aopt);
+  acc_t* o = out.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, s.B, 64, [&](int64_t b0, int64_t b1) { copy_kept(s, x2, b0, b1, o + s.off[b0] * ld, ld); });
+  return out.narrow(1, 0, D);
+}
+
+// The kept rows of block k: a view of x2 when the block drops nothing and x2 has the
+// accumulation dtype, else copied into `scratch` ([>= max_rows, padded_ld(D)]).
+template <typename acc_t>
+at::Tensor kept_block(const Side<acc_t>& s, const at::Tensor& x2, int64_t k, const at::Tensor& scratch) {
+  const int64_t b0 = s.blocks[k], b1 = s.blocks[k + 1], n = s.off[b1] - s.off[b0];
+  if (n == (b1 - b0) * s.N && x2.scalar_type() == scratch.scalar_type()) return x2.narrow(0, b0 * s.N, n);
+  copy_kept(s, x2, b0, b1, scratch.mutable_data_ptr<acc_t>(), scratch.size(1));
+  return scratch.narrow(0, 0, n).narrow(1, 0, x2.size(1));
+}
+
+// A max over kept entries (b at a) completed with the zeros of dropped ones (see above).
+template <typename acc_t>
+inline void with_dropped_zeros(acc_t b, int32_t a, bool dropped, int32_t first_dropped, acc_t& best, int32_t& arg) {
+  if (dropped && b < acc_t(0)) {
+    b = acc_t(0);
+    a = first_dropped;
+  } else if (dropped && b == acc_t(0) && first_dropped < a) {
+    b = acc_t(0);
+    a = first_dropped;
+  }
+  best = b;
+  arg = a;
+}
+
+// The maxes and arg-maxes of pair (i, j) over all its L + F rows and columns (layout of
+// pair_max), from p: the pair's kept block (p.L, p.F: its kept counts; p.mt, p.mv: their
+// masks). cb, ca: scratch [L + F].
+template <typename acc_t>
+void kept_max(const WtiPair<acc_t>& p, const Side<acc_t>& ts, int64_t i, const Side<acc_t>& vs, int64_t j,
+              acc_t* best, int32_t* arg, acc_t* cb, int32_t* ca) {
+  const int64_t L = ts.N, F = vs.N;
+  if (p.L == L && p.F == F) return pair_max(p, best, arg);  // nothing dropped: the kept block is the pair
+  std::fill(best, best + L + F, acc_t(0));
+  std::fill(arg, arg + L + F, 0);
+  if (p.L == 0 || p.F == 0) return;  // every entry is a dropped zero
+  pair_max(p, cb, ca);
+  const int32_t *tl = ts.tok.data() + ts.off[i], *tf = vs.tok.data() + vs.off[j];
+  for (int64_t r = 0; r < p.L; ++r)
+    with_dropped_zeros(cb[r], tf[ca[r]], p.F < F, vs.first_drop[j], best[tl[r]], arg[tl[r]]);
+  for (int64_t c = 0; c < p.F; ++c)
+    with_dropped_zeros(cb[p.L + c], tl[ca[p.L + c]], p.L < L, ts.first_drop[i], best[L + tf[c]],
+                       arg[L + tf[c]]);
+}
+
+// pair (i, j)'s kept block in a tile of text block [i0, ..) x video block [j0, ..)
+template <typename acc_t>
+WtiPair<acc_t> kept_pair(const acc_t* tile, int64_t ld, const Side<acc_t>& ts, int64_t i, int64_t i0,
+                         const Side<acc_t>& vs, int64_t j, int64_t j0) {
+  return {tile + (ts.off[i] - ts.off[i0]) * ld + (vs.off[j] - vs.off[j0]),
+          ld, ts.mask.data() + ts.off[i], vs.mask.data() + vs.off[j], nullptr, nullptr, ts.kept(i), vs.kept(j)};
+}
+
+// s_ij from the pair's maxes (best: [L + F], rows then columns), in wti_pair_score's order
+template <typename acc_t>
+acc_t score_from_maxes(const acc_t* best, const acc_t* at, const acc_t* av, int64_t L, int64_t F) {
   acc_t t2v = 0, v2t = 0;
-  for (int64_t l = 0; l < p.L; ++l) t2v += p.at[l] * best[l];
-  for (int64_t f = 0; f < p.F; ++f) v2t += p.av[f] * best[p.L + f];
+  for (int64_t l = 0; l < L; ++l) t2v += at[l] * best[l];
+  for (int64_t f = 0; f < F; ++f) v2t += av[f] * best[L + f];
   return acc_t(0.5) * (t2v + v2t);
 }
 
@@ -132,58 +341,53 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
   auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(acc));
   if (d.Bt == 0 || d.Bv == 0) return out;
   const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
-  const int64_t TB = std::max<int64_t>(1, kRows / d.L), VB = std::max<int64_t>(1, kCols / d.F);
-  const int64_t nbt = (d.Bt + TB - 1) / TB, nbv = (d.Bv + VB - 1) / VB;
   const auto t2 = p.t.view({d.Bt * d.L, d.D}), v2 = p.v.view({d.Bv * d.F, d.D});
 
   AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_cpu", [&] {
     using acc_t = scalar_t;
-    const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
+    const auto [ts, vs] = make_sides<acc_t>(p, d, at::Tensor());
     const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
-    // one tile buffer per run, allocated here (no allocation on worker threads)
-    const int64_t ntasks = nbt * nbv;
-    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
     const auto aopt = p.t.options().dtype(acc);
-    auto tiles = at::empty({runs, TB * d.L * VB * d.F}, aopt);
-    auto maxbuf = at::empty({runs, d.L + d.F}, aopt);
-    auto argbuf = at::empty({runs, d.L + d.F}, aopt.dtype(at::kInt));
-    // fp16/bf16 tokens: the smaller side converted whole, the larger block by block, its
-    // blocks outermost so that each is converted once per run (tasks video-major when
-    // the texts are converted whole, else text-major)
-    const bool texts_whole = p.low && d.Bt * d.L <= d.Bv * d.F;
-    const auto t_src = texts_whole ? t2.to(acc) : t2;
-    const auto v_src = p.low && !texts_whole ? v2.to(acc) : v2;
-    const auto tscr = p.low && !texts_whole ? at::empty({runs, TB * d.L, d.D}, aopt) : at::Tensor();
-    const auto vscr = texts_whole ? at::empty({runs, VB * d.F, d.D}, aopt) : at::Tensor();
+    // the side with fewer kept rows compact whole, the other block by block, its blocks
+    // outermost in the tasks so that each is compacted (or converted) once per run
+    const bool t_small = ts.rows <= vs.rows;
+    const Side<acc_t>& large = t_small ? vs : ts;
+    const at::Tensor small_rows = t_small ? kept_whole(ts, t2, aopt) : kept_whole(vs, v2, aopt);
+    const int64_t nbt = ts.nblocks(), nbv = vs.nblocks(), ntasks = nbt * nbv;
+    const int64_t n_inner = t_small ? nbt : nbv;
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    // one tile buffer per run, allocated here (no allocation on worker threads)
+    at::Tensor tiles = at::empty({runs, ts.max_rows * vs.max_rows}, aopt);
+    auto maxbuf = at::empty({runs, 2 * (d.L + d.F)}, aopt);
+    auto argbuf = at::empty({runs, 2 * (d.L + d.F)}, aopt.dtype(at::kInt));
+    const bool copies = large.dropped_any() || p.low;  // else the large side's blocks are views
+    at::Tensor scratch = at::empty({runs, copies ? large.max_rows : 0, padded_ld(d.D)}, aopt);
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
-        acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * (d.L + d.F);
-        int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * (d.L + d.F);
-        at::Tensor T, V;
-        int64_t t_at = -1, v_at = -1;  // the blocks in T and V
+        acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * 2 * (d.L + d.F);
+        int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * 2 * (d.L + d.F);
+        at::Tensor X;       // the large side's block
+        int64_t x_at = -1;  // which
         for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
-          const int64_t tb = texts_whole ? task % nbt : task / nbv, vb = texts_whole ? task / nbt : task % nbv;
-          const int64_t i0 = tb * TB, j0 = vb * VB;
-          const int64_t nt = std::min(TB, d.Bt - i0), nv = std::min(VB, d.Bv - j0);
-          at::Tensor S = tiles[r].narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
-          if (tb != t_at) T = acc_rows(t_src, i0 * d.L, nt * d.L, tscr.defined() ? tscr[r] : at::Tensor());
-          if (vb != v_at) V = acc_rows(v_src, j0 * d.F, nv * d.F, vscr.defined() ? vscr[r] : at::Tensor());
-          t_at = tb;
-          v_at = vb;
+          const int64_t ob = task / n_inner, ib = task % n_inner;
+          const int64_t tb = t_small ? ib : ob, vb = t_small ? ob : ib;
+          if (ob != x_at) X = t_small ? kept_block(vs, v2, ob, scratch[r]) : kept_block(ts, t2, ob, scratch[r]);
+          x_at = ob;
+          const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
+          const int64_t nr = ts.off[i1] - ts.off[i0], ld = vs.off[j1] - vs.off[j0];
+          const at::Tensor T = t_small ? small_rows.narrow(0, ts.off[i0], nr) : X;
+          const at::Tensor V = t_small ? X : small_rows.narrow(0, vs.off[j0], ld);
+          at::Tensor S = tiles[r].narrow(0, 0, nr * ld).view({nr, ld});
           at::mm_out(S, T, V.t());
           const acc_t* s = S.const_data_ptr<acc_t>();
-          const int64_t ld = nv * d.F;
-          for (int64_t ii = 0; ii < nt; ++ii) {
-            const int64_t i = i0 + ii;
-            for (int64_t jj = 0; jj < nv; ++jj) {
-              const int64_t j = j0 + jj;
-              WtiPair<acc_t> pair{s + ii * d.L * ld + jj * d.F, ld, mt + i * d.L, mv + j * d.F,
-                                  wt + i * d.L, wv + j * d.F, d.L, d.F};
-              o[i * d.Bv + j] = pair_score(pair, mb, ab);
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t j = j0; j < j1; ++j) {
+              kept_max(kept_pair(s, ld, ts, i, i0, vs, j, j0), ts, i, vs, j, mb, ab, mb + d.L + d.F,
+                       ab + d.L + d.F);
+              o[i * d.Bv + j] = score_from_maxes(mb, wt + i * d.L, wv + j * d.F, d.L, d.F);
             }
-          }
         }
       }
     });
@@ -203,21 +407,47 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
 // (deterministic, a different rounding than the plain sum of the generic path).
 // `end[r]` is one past row r's last entry (row r starts at end[r - 1], 0 for r = 0).
 template <typename T>
-void gather_rows_base(T* __restrict y, const T* __restrict x, int64_t D, int64_t rows, const int32_t* end,
+void gather_rows_base(T* __restrict y, const T* __restrict x, int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
                       const T* c, const int32_t* src) {
   for (int64_t r = 0, b = 0; r < rows; b = end[r++])
     for (int64_t e = b; e < end[r]; ++e) {
-      const T* xs = x + src[e] * D;
+      const T* xs = x + src[e] * ldx;
       T* yr = y + r * D;
       for (int64_t k = 0; k < D; ++k) yr[k] += c[e] * xs[k];
     }
 }
 #if defined(__x86_64__)
 __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __restrict y,
-                                                                     const float* __restrict x, int64_t D,
+                                                                     const float* __restrict x, int64_t D, int64_t ldx,
                                                                      int64_t rows, const int32_t* end,
                                                                      const float* c, const int32_t* src) {
-  for (int64_t k = 0; k < D; k += 32) {
+  // 64 floats at a time (4 vectors in 2 accumulator sets, even and odd entries): fewer
+  // scalar loads per FMA than 32 at a time, the chunk of every source row still in L1/L2
+  const int64_t D64 = D / 64 * 64;
+  for (int64_t k = 0; k < D64; k += 64) {
+    const float* xk = x + k;
+    for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
+      const int64_t e1 = end[r];
+      if (e1 == b) continue;
+      float* yr = y + r * D + k;
+      __m512 a[2][4];
+      for (int q = 0; q < 4; ++q) a[0][q] = _mm512_loadu_ps(yr + 16 * q), a[1][q] = _mm512_setzero_ps();
+      int64_t e = b;
+      for (; e + 2 <= e1; e += 2)
+        for (int u = 0; u < 2; ++u) {
+          const __m512 ce = _mm512_set1_ps(c[e + u]);
+          const float* xs = xk + src[e + u] * ldx;
+          for (int q = 0; q < 4; ++q) a[u][q] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16 * q), a[u][q]);
+        }
+      if (e < e1) {
+        const __m512 ce = _mm512_set1_ps(c[e]);
+        const float* xs = xk + src[e] * ldx;
+        for (int q = 0; q < 4; ++q) a[0][q] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16 * q), a[0][q]);
+      }
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yr + 16 * q, _mm512_add_ps(a[0][q], a[1][q]));
+    }
+  }
+  for (int64_t k = D64; k < D; k += 32) {
     const int64_t w = std::min<int64_t>(32, D - k);
     const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
     const __mmask16 m1 = w >= 32 ? 0xFFFF : w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0;
@@ -234,14 +464,14 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
         for (; e + 4 <= e1; e += 4)
           for (int u = 0; u < 4; ++u) {
             const __m512 ce = _mm512_set1_ps(c[e + u]);
-            const float* xs = xk + src[e + u] * D;
+            const float* xs = xk + src[e + u] * ldx;
             a[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs), a[u]);
             h[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16), h[u]);
           }
       }
       for (; e < e1; ++e) {
         const __m512 ce = _mm512_set1_ps(c[e]);
-        const float* xs = xk + src[e] * D;
+        const float* xs = xk + src[e] * ldx;
         a[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m0, xs), a[0]);
         h[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m1, xs + 16), h[0]);
       }
@@ -253,7 +483,7 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
   }
 }
 __attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __restrict y, const float* __restrict x,
-                                                                     int64_t D, int64_t rows, const int32_t* end,
+                                                                     int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
                                                                      const float* c, const int32_t* src) {
   const int64_t D32 = D / 32 * 32;
   for (int64_t k = 0; k < D32; k += 32) {
@@ -268,12 +498,12 @@ __attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __res
       for (; e + 2 <= e1; e += 2)
         for (int u = 0; u < 2; ++u) {
           const __m256 ce = _mm256_set1_ps(c[e + u]);
-          const float* xs = xk + src[e + u] * D;
+          const float* xs = xk + src[e + u] * ldx;
           for (int q = 0; q < 4; ++q) a[u][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[u][q]);
         }
       if (e < e1) {
         const __m256 ce = _mm256_set1_ps(c[e]);
-        const float* xs = xk + src[e] * D;
+        const float* xs = xk + src[e] * ldx;
         for (int q = 0; q < 4; ++q) a[0][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[0][q]);
       }
       for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yr + 8 * q, _mm256_add_ps(a[0][q], a[1][q]));
@@ -282,12 +512,12 @@ __attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __res
   if (D32 == D) return;
   for (int64_t r = 0, b = 0; r < rows; b = end[r++])
     for (int64_t e = b; e < end[r]; ++e)
-      for (int64_t k = D32; k < D; ++k) y[r * D + k] += c[e] * x[src[e] * D + k];
+      for (int64_t k = D32; k < D; ++k) y[r * D + k] += c[e] * x[src[e] * ldx + k];
 }
 #endif
 
 template <typename T>
-using GatherFn = void (*)(T*, const T*, int64_t, int64_t, const int32_t*, const T*, const int32_t*);
+using GatherFn = void (*)(T*, const T*, int64_t, int64_t, int64_t, const int32_t*, const T*, const int32_t*);
 template <typename T>
 GatherFn<T> pick_gather() {
   return &gather_rows_base<T>;
@@ -326,7 +556,7 @@ struct RowSums {
     c[n++] = coef;
   }
   // y[r] += sum of the entries of row r (rows of length D; x: the source rows)
-  void flush(acc_t* y, const acc_t* x, int64_t D, GatherFn<acc_t> gather) {
+  void flush(acc_t* y, const acc_t* x, int64_t D, int64_t ldx, GatherFn<acc_t> gather) {
     if (n == 0) return;
     std::fill(start, start + rows + 1, 0);
     for (int64_t e = 0; e < n; ++e) ++start[dst[e] + 1];
@@ -336,68 +566,66 @@ struct RowSums {
       c_sorted[at] = c[e];
       src_sorted[at] = src[e];
     }
-    gather(y, x, D, rows, start, c_sorted, src_sorted);  // start[r] is now the end of row r
+    gather(y, x, D, ldx, rows, start, c_sorted, src_sorted);  // start[r] is now the end of row r
     n = 0;
   }
 };
 
-// Arg-maxes of one pair stored as idx_t, with the weight gradients:
-// gwt[l] += hg * max_f S[l, f], gwv[f] += hg * max_l S[l, f]. best/arg: scratch [L + F].
 template <typename acc_t, typename idx_t>
-inline void pair_argmax(const WtiPair<acc_t>& p, acc_t hg, idx_t* ar, idx_t* ac, acc_t* gwt, acc_t* gwv,
-                        acc_t* best, int32_t* arg) {
-  pair_max(p, best, arg);
-  for (int64_t l = 0; l < p.L; ++l) {
-    ar[l] = static_cast<idx_t>(arg[l]);
-    gwt[l] += hg * best[l];
-  }
-  for (int64_t f = 0; f < p.F; ++f) {
-    ac[f] = static_cast<idx_t>(arg[p.L + f]);
-    gwv[f] += hg * best[p.L + f];
-  }
-}
-
-template <typename acc_t, typename idx_t>
-void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Tensor& gt, at::Tensor& gwt,
+void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, at::Tensor& gt, at::Tensor& gwt,
                    at::Tensor& gv, at::Tensor& gwv) {
   const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
+  const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
   const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
   const auto aopt = p.mt.options();
   const auto t2 = p.t.view({Bt * L, D}), v2 = p.v.view({Bv * F, D});
   const auto idx_dtype = sizeof(idx_t) == 1 ? at::kByte : at::kInt;
-  // 1) one GEMM recompute: the arg-maxes of every pair ([Bt, Bv, L] and [Bt, Bv, F]) and
-  //    the weight gradients (run-local, summed in run order: deterministic per thread count)
+  const auto [ts, vs] = make_sides<acc_t>(p, d, grad);
+  // 1) one GEMM recompute over the kept tokens: the arg-maxes of every pair ([Bt, Bv, L]
+  //    and [Bt, Bv, F], token indices) and the weight gradients (run-local, summed in run
+  //    order: deterministic per thread count)
   auto AR = at::empty({Bt, Bv, L}, aopt.dtype(idx_dtype));
   auto AC = at::empty({Bt, Bv, F}, aopt.dtype(idx_dtype));
   idx_t* arp = static_cast<idx_t*>(AR.data_ptr());
   idx_t* acp = static_cast<idx_t*>(AC.data_ptr());
-  const int64_t TB = std::max<int64_t>(1, kRows / L), VB = std::max<int64_t>(1, kCols / F);
-  const int64_t nbt = (Bt + TB - 1) / TB, nbv = (Bv + VB - 1) / VB, ntasks = nbt * nbv;
+  const int64_t nbt = ts.nblocks(), nbv = vs.nblocks(), ntasks = nbt * nbv;
   const int64_t nthreads = at::get_num_threads();
   // fused: enough text blocks to split them among threads, so each thread owns its texts'
   // dL/dt rows and adds them while the tile's videos are still in cache
   const bool fused = nbt >= 2 * nthreads;
   const int64_t runs = fused ? nthreads : std::max<int64_t>(1, std::min<int64_t>(nthreads, ntasks));
   // per run: one S tile, the maxes and arg-maxes of one pair, the entries of one block of
-  // pairs (a block is a tile's TB texts x VB videos, at most L + F entries per pair)
-  // bucketed by text row or by video row
-  const int64_t cap = TB * VB * (L + F);
-  const int64_t sums_bytes = std::max(RowSums<acc_t>::bytes(TB * L, cap), RowSums<acc_t>::bytes(VB * F, cap));
-  auto tiles = at::empty({runs, TB * L * VB * F}, aopt);
+  // pairs bucketed by text row or by video row: a pair has a nonzero coefficient only at
+  // a kept token's row or a kept frame's column, so a block has at most
+  // (its videos) x (its kept text rows) + (its texts) x (its kept video rows) entries
+  const int64_t cap = vs.max_items * ts.max_rows + ts.max_items * vs.max_rows;
+  const int64_t sum_rows = std::max(ts.max_items * L, vs.max_items * F);
+  const int64_t sums_bytes = RowSums<acc_t>::bytes(sum_rows, cap);
+  at::Tensor tiles = at::empty({runs, ts.max_rows * vs.max_rows}, aopt);
   auto lwt = at::zeros({fused ? 1 : runs, Bt * L}, aopt);
   auto lwv = at::zeros({runs, Bv * F}, aopt);
-  auto maxbuf = at::empty({runs, L + F}, aopt);
-  auto argbuf = at::empty({runs, L + F}, aopt.dtype(at::kInt));
-  auto sums_mem = at::empty({runs, sums_bytes}, aopt.dtype(at::kByte));
-  // fp16/bf16 tokens: the texts converted once whole (t_acc: the products and the dL/dv
-  // sums read them), the video blocks per tile (vscr), each video block's dL/dv summed in
-  // gscr, then written to gv (already in the tokens' dtype); dL/dt is summed in gt
-  // (accumulation dtype) whole.
-  const auto vscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
-  const auto gscr = p.low ? at::empty({runs, VB * F, D}, aopt) : at::Tensor();
+  auto maxbuf = at::empty({runs, 2 * (L + F)}, aopt);
+  auto argbuf = at::empty({runs, 2 * (L + F)}, aopt.dtype(at::kInt));
+  at::Tensor coefbuf = at::empty({runs, L}, aopt);
+  at::Tensor sums_mem = at::empty({runs, sums_bytes}, aopt.dtype(at::kByte));
+  // fp16/bf16 tokens: the texts converted once whole (t_acc: the dL/dv sums read them), the
+  // video blocks per tile (vscr), each video block's dL/dv summed in gscr, then written to
+  // gv (already in the tokens' dtype); dL/dt is summed in gt (accumulation dtype) whole.
+  const at::Tensor vscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
+  const at::Tensor gscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
   const auto t_acc = p.low ? t2.to(aopt.dtype().toScalarType()) : t2;
   const acc_t* tp = t_acc.const_data_ptr<acc_t>();
+  // the products' operands: the side with fewer kept rows compact whole, the other's
+  // blocks compacted per run (views when nothing is dropped) with its blocks outermost
+  const bool t_small = ts.rows <= vs.rows;
+  const Side<acc_t>& large = t_small ? vs : ts;
+  const at::Tensor small_rows = t_small ? kept_whole(ts, t_acc, aopt) : kept_whole(vs, v2, aopt);
+  const bool copies = large.dropped_any() || (t_small && p.low);  // (t_acc has the accumulation dtype)
+  at::Tensor kscr = at::empty({runs, copies ? large.max_rows : 0, padded_ld(D)}, aopt);
+  auto large_block = [&](int64_t k, int64_t r) {
+    return t_small ? kept_block(vs, v2, k, kscr[r]) : kept_block(ts, t_acc, k, kscr[r]);
+  };
   const GatherFn<acc_t> gather = pick_gather<acc_t>();
   acc_t* gtp = gt.mutable_data_ptr<acc_t>();
   auto run_sums = [&](int64_t r, int64_t rows) {
@@ -406,86 +634,120 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
   // from its arg-maxes, coefficients as in wti_pair_backward (csrc/common/wti.h):
   // dL/dt_il += c v_jf and dL/dv_jf += c t_il; the dL/dt and the dL/dv sums walk the
-  // same entries.
-  auto for_each_coef = [&](int64_t i, int64_t j, acc_t hg, auto&& visit) {
+  // same entries. Where column f's arg-max l is also row l's arg-max (about a fifth of
+  // the entries on random data), the two coefficients are added first (row's + column's,
+  // as the torch path's dS entry) and the entry is visited once. cr: scratch [L].
+  auto for_each_coef = [&](int64_t i, int64_t j, acc_t hg, acc_t* cr, auto&& visit) {
     const idx_t* ar = arp + (i * Bv + j) * L;
     const idx_t* ac = acp + (i * Bv + j) * F;
     const WtiPair<acc_t> pair{nullptr, 0, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};  // no S needed
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t a = ar[l];
-      const acc_t c = wti_row_coef(pair, hg, l, a);
-      if (c != acc_t(0)) visit(l, a, c);
-    }
+    for (int64_t l = 0; l < L; ++l) cr[l] = wti_row_coef(pair, hg, l, static_cast<int64_t>(ar[l]));
     for (int64_t f = 0; f < F; ++f) {
       const int64_t a = ac[f];
       const acc_t c = wti_col_coef(pair, hg, a, f);
-      if (c != acc_t(0)) visit(a, f, c);
+      if (static_cast<int64_t>(ar[a]) == f)
+        cr[a] += c;
+      else if (c != acc_t(0))
+        visit(a, f, c);
     }
+    for (int64_t l = 0; l < L; ++l)
+      if (cr[l] != acc_t(0)) visit(l, static_cast<int64_t>(ar[l]), cr[l]);
   };
-  // dL/dt (to_text) or dL/dv rows of one block of pairs (texts i0 + [0, nt), videos
-  // j0 + [0, nv)) from the stored arg-maxes, added into the block's rows at y; x: the
-  // block's source rows (its videos' for dL/dt, its texts' for dL/dv)
-  auto add_block = [&](int64_t r, bool to_text, int64_t i0, int64_t nt, int64_t j0, int64_t nv, acc_t* y,
-                       const acc_t* x) {
-    RowSums<acc_t> sums = run_sums(r, to_text ? nt * L : nv * F);
-    for (int64_t ii = 0; ii < nt; ++ii)
-      for (int64_t jj = 0; jj < nv; ++jj) {
-        const acc_t g = gp[(i0 + ii) * Bv + j0 + jj];
+  // dL/dt (to_text) or dL/dv rows of one block of pairs (text block tb x video block vb)
+  // from the stored arg-maxes, added into the block's rows at y; x: the block's source
+  // rows (for dL/dt its videos', compact when `kept_src`, else every frame; for dL/dv
+  // its texts', every token). A nonzero coefficient's frame is kept (its mask is not 0).
+  auto add_block = [&](int64_t r, bool to_text, int64_t tb, int64_t vb, acc_t* y, const acc_t* x, int64_t ldx,
+                       bool kept_src) {
+    const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
+    RowSums<acc_t> sums = run_sums(r, to_text ? (i1 - i0) * L : (j1 - j0) * F);
+    acc_t* cbuf = coefbuf.mutable_data_ptr<acc_t>() + r * L;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t g = gp[i * Bv + j];
         if (g == acc_t(0)) continue;
-        for_each_coef(i0 + ii, j0 + jj, acc_t(0.5) * g, [&](int64_t l, int64_t f, acc_t c) {
+        const int64_t jk = vs.off[j] - vs.off[j0];
+        for_each_coef(i, j, acc_t(0.5) * g, cbuf, [&](int64_t l, int64_t f, acc_t c) {
           if (to_text)
-            sums.add(ii * L + l, jj * F + f, c);
+            sums.add((i - i0) * L + l, kept_src ? jk + vs.pos[j * F + f] : (j - j0) * F + f, c);
           else
-            sums.add(jj * F + f, ii * L + l, c);
+            sums.add((j - j0) * F + f, (i - i0) * L + l, c);
         });
       }
-    sums.flush(y, x, D, gather);
+    sums.flush(y, x, D, ldx, gather);
   };
-  auto do_task = [&](int64_t task, int64_t r, acc_t* gwt_r) {
+  auto do_task = [&](int64_t tb, int64_t vb, int64_t r, const at::Tensor& X, acc_t* gwt_r) {
     acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
-    acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * (L + F);
-    int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * (L + F);
-    const int64_t i0 = task / nbv * TB, j0 = task % nbv * VB;
-    const int64_t nt = std::min(TB, Bt - i0), nv = std::min(VB, Bv - j0);
-    at::Tensor S = tiles[r].narrow(0, 0, nt * L * nv * F).view({nt * L, nv * F});
-    const auto V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
-    at::mm_out(S, t_acc.narrow(0, i0 * L, nt * L), V.t());
+    acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * 2 * (L + F);
+    int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * 2 * (L + F);
+    const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
+    const int64_t nr = ts.off[i1] - ts.off[i0], ld = vs.off[j1] - vs.off[j0];
+    const at::Tensor T = t_small ? small_rows.narrow(0, ts.off[i0], nr) : X;
+    const at::Tensor V = t_small ? X : small_rows.narrow(0, vs.off[j0], ld);
+    at::Tensor S = tiles[r].narrow(0, 0, nr * ld).view({nr, ld});
+    at::mm_out(S, T, V.t());
     const acc_t* s = S.const_data_ptr<acc_t>();
-    const int64_t ld = nv * F;
-    for (int64_t ii = 0; ii < nt; ++ii) {
-      const int64_t i = i0 + ii;
-      for (int64_t jj = 0; jj < nv; ++jj) {
-        const int64_t j = j0 + jj;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) {
         const acc_t g = gp[i * Bv + j];
         if (g == acc_t(0)) continue;  // the dL/dt and dL/dv passes skip the pair too
-        WtiPair<acc_t> pair{s + ii * L * ld + jj * F, ld, mt + i * L, mv + j * F, wt + i * L, wv + j * F, L, F};
-        pair_argmax<acc_t, idx_t>(pair, acc_t(0.5) * g, arp + (i * Bv + j) * L, acp + (i * Bv + j) * F,
-                                  gwt_r + i * L, gwv_r + j * F, mb, ab);
+        const acc_t hg = acc_t(0.5) * g;
+        kept_max(kept_pair(s, ld, ts, i, i0, vs, j, j0), ts, i, vs, j, mb, ab, mb + L + F, ab + L + F);
+        idx_t* ar = arp + (i * Bv + j) * L;
+        idx_t* ac = acp + (i * Bv + j) * F;
+        for (int64_t l = 0; l < L; ++l) {
+          ar[l] = static_cast<idx_t>(ab[l]);
+          gwt_r[i * L + l] += hg * mb[l];
+        }
+        for (int64_t f = 0; f < F; ++f) {
+          ac[f] = static_cast<idx_t>(ab[L + f]);
+          gwv_r[j * F + f] += hg * mb[L + f];
+        }
       }
-    }
-    if (fused) add_block(r, true, i0, nt, j0, nv, gtp + i0 * L * D, V.const_data_ptr<acc_t>());  // in cache
+    if (fused) add_block(r, true, tb, vb, gtp + i0 * L * D, V.const_data_ptr<acc_t>(), V.stride(0), true);  // in cache
   };
   if (fused) {
     // text blocks split among threads (at::parallel_for's static split: deterministic
-    // for a given thread count); gwt rows are owned, gwv is thread-local
+    // for a given thread count); gwt rows are owned, gwv is thread-local. A thread's
+    // tasks run with the large side's blocks outermost; either way each text row and
+    // each weight sees its videos in ascending order.
     at::parallel_for(0, nbt, 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad;
       // (clamped: a nested call runs inline on one thread whatever its number)
       const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
-      for (int64_t tb = b0; tb < b1; ++tb)
-        for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb * nbv + vb, r, gwt.mutable_data_ptr<acc_t>());
+      acc_t* gwt_r = gwt.mutable_data_ptr<acc_t>();
+      if (t_small) {
+        for (int64_t vb = 0; vb < nbv; ++vb) {
+          const at::Tensor X = large_block(vb, r);
+          for (int64_t tb = b0; tb < b1; ++tb) do_task(tb, vb, r, X, gwt_r);
+        }
+      } else {
+        for (int64_t tb = b0; tb < b1; ++tb) {
+          const at::Tensor X = large_block(tb, r);
+          for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb, vb, r, X, gwt_r);
+        }
+      }
     });
   } else {
+    const int64_t n_inner = t_small ? nbt : nbv;
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
-      for (int64_t r = rb; r < re; ++r)
-        for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task)
-          do_task(task, r, lwt.mutable_data_ptr<acc_t>() + r * Bt * L);
+      for (int64_t r = rb; r < re; ++r) {
+        at::Tensor X;
+        int64_t x_at = -1;
+        for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
+          const int64_t ob = task / n_inner, ib = task % n_inner;
+          if (ob != x_at) X = large_block(ob, r);
+          x_at = ob;
+          do_task(t_small ? ib : ob, t_small ? ob : ib, r, X, lwt.mutable_data_ptr<acc_t>() + r * Bt * L);
+        }
+      }
     });
     gwt.view({Bt * L}).copy_(lwt.sum(0));
   }
   gwv.view({Bv * F}).copy_(lwv.sum(0));
   tiles = at::Tensor();
+  kscr = at::Tensor();
 
   // 2) dL/dt (unless fused above) and dL/dv from the arg-maxes, block by block: texts are
   //    split among threads for dL/dt and videos for dL/dv (one writer per row), no dense dS
@@ -494,9 +756,9 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
       const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
       for (int64_t tb = b0; tb < b1; ++tb)
         for (int64_t vb = 0; vb < nbv; ++vb) {
-          const int64_t i0 = tb * TB, j0 = vb * VB, nv = std::min(VB, Bv - j0);
-          const auto V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
-          add_block(r, true, i0, std::min(TB, Bt - i0), j0, nv, gtp + i0 * L * D, V.const_data_ptr<acc_t>());
+          const int64_t j0 = vs.blocks[vb], nv = vs.blocks[vb + 1] - j0;
+          const at::Tensor V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
+          add_block(r, true, tb, vb, gtp + ts.blocks[tb] * L * D, V.const_data_ptr<acc_t>(), D, false);
         }
     });
   }
@@ -504,13 +766,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const acc_t* gp, at::Ten
   at::parallel_for(0, nbv, 1, [&](int64_t b0, int64_t b1) {
     const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
     for (int64_t vb = b0; vb < b1; ++vb) {
-      const int64_t j0 = vb * VB, nv = std::min(VB, Bv - j0);
+      const int64_t j0 = vs.blocks[vb], nv = vs.blocks[vb + 1] - j0;
       acc_t* y = p.low ? gscr[r].mutable_data_ptr<acc_t>() : gv2.mutable_data_ptr<acc_t>() + j0 * F * D;
       if (p.low) std::fill(y, y + nv * F * D, acc_t(0));
-      for (int64_t tb = 0; tb < nbt; ++tb) {
-        const int64_t i0 = tb * TB;
-        add_block(r, false, i0, std::min(TB, Bt - i0), j0, nv, y, tp + i0 * L * D);
-      }
+      for (int64_t tb = 0; tb < nbt; ++tb) add_block(r, false, tb, vb, y, tp + ts.blocks[tb] * L * D, D, false);
       if (p.low) gv2.narrow(0, j0 * F, nv * F).copy_(gscr[r].narrow(0, 0, nv * F));
     }
   });
@@ -529,13 +788,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
   if (d.Bt > 0 && d.Bv > 0 && d.D > 0) {  // D == 0: every gradient is 0
     const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
-    const at::Tensor g = grad.to(acc).contiguous();
+    const at::Tensor g = grad.to(acc).contiguous();  // (checked by make_sides before tokens are dropped)
     const bool small = std::max(d.L, d.F) <= 256;
     AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_backward_cpu", [&] {
       if (small)
-        backward_impl<scalar_t, uint8_t>(d, p, g.const_data_ptr<scalar_t>(), gt, gwt, gv, gwv);
+        backward_impl<scalar_t, uint8_t>(d, p, g, gt, gwt, gv, gwv);
       else
-        backward_impl<scalar_t, int32_t>(d, p, g.const_data_ptr<scalar_t>(), gt, gwt, gv, gwv);
+        backward_impl<scalar_t, int32_t>(d, p, g, gt, gwt, gv, gwv);
     });
   }
   return {gt.to(t.scalar_type()), gwt.to(t_weight.scalar_type()), gv,
@@ -584,9 +843,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_tiled_backward_cp
                             launch);
 }
 
+at::Tensor wti_cpu_plan(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
+                        const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
+                        const std::optional<at::Tensor>& grad) {
+  const WtiDims d = check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight, c10::DeviceType::CPU);
+  const auto acc = wti_acc_type(t.scalar_type());
+  at::Tensor g;
+  if (grad.has_value()) {
+    check_wti_grad(*grad, d, t);
+    g = grad->to(acc).contiguous();
+  }
+  const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
+  std::vector<int64_t> plan;
+  AT_DISPATCH_FLOATING_TYPES(acc, "_wti_cpu_plan", [&] {
+    const auto [ts, vs] = make_sides<scalar_t>(p, d, g);
+    plan = {ts.rows, vs.rows, ts.nblocks(), vs.nblocks()};
+  });
+  return at::tensor(plan, at::kLong);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nbretr, CPU, m) {
+  m.impl("_wti_cpu_plan", &wti_cpu_plan);
   m.impl("wti_similarity", &wti_similarity_cpu);
   m.impl("wti_similarity_backward", &wti_similarity_backward_cpu);
   m.impl("_wti_tiled", &wti_tiled_cpu);
