@@ -3,7 +3,10 @@ over a [Bt, Bv, L, F] tensor). Forward and forward+backward at the training shap
 (128 x 128 and 128 x 1,920 pairs, L=32, F=12, D=512) and the evaluation shape
 (1,000 x 1,000, forward only, no grad), fp32 and bf16. KERNELS.md targets: CPU >= 2x
 faster and >= 10x less peak memory; GPU >= 5x and >= 10x. On CUDA the extension's two
-implementations are timed: "ext" (tiled, the default) and "ext fused" (NBRETR_WTI_CUDA=fused)."""
+implementations are timed: "ext" (tiled, the default) and "ext fused" (NBRETR_WTI_CUDA=fused).
+Masks keep each token with probability 0.75 (the first always). The CPU kernel leaves
+masked tokens out of its products; "ext keep-all" (NBRETR_WTI_CPU_COMPACT=0) computes
+every token's, as it would for inputs without padding."""
 from __future__ import annotations
 
 import os
@@ -28,9 +31,11 @@ def make_side(B, L, D, dtype, device, gen):
 
 
 def select(name: str) -> str:
-    """The backend for a timed implementation ("torch", "ext", "ext fused"); the two CUDA
-    implementations of the extension are chosen by NBRETR_WTI_CUDA."""
+    """The backend for a timed implementation ("torch", "ext", "ext fused", "ext keep-all");
+    the two CUDA implementations of the extension are chosen by NBRETR_WTI_CUDA, whether the
+    CPU kernel drops masked tokens by NBRETR_WTI_CPU_COMPACT."""
     os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
+    os.environ["NBRETR_WTI_CPU_COMPACT"] = "0" if name == "ext keep-all" else "1"
     return "ext" if name.startswith("ext") else name
 
 
@@ -46,7 +51,8 @@ def main() -> int:
     evals = [] if args.no_eval else ([(1000, 1000)] if not args.quick else [(64, 64)])
     gen = torch.Generator().manual_seed(0)
     results = []
-    impls = ["torch"] + (["ext"] if has_ext else []) + (["ext fused"] if has_ext and dev.startswith("cuda") else [])
+    impls = ["torch"] + (["ext"] if has_ext else [])
+    impls += (["ext fused"] if dev.startswith("cuda") else ["ext keep-all"]) if has_ext else []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         cases = [(bt, bv, True) for bt, bv in train] + [(bt, bv, False) for bt, bv in evals]

@@ -399,12 +399,14 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
 
 // Row sums of the backward. Entries (destination row, source row, coefficient) are
 // collected for one block of pairs and bucketed by destination row; then every row r
-// with entries gets y_r += sum_e c_e * x_{src_e}. D is walked in chunks of 32 floats, all
-// rows per chunk, so that the chunk of every source row of the block (a few hundred rows:
-// 32 KB) stays in L1. A row's chunk is held in registers over its entries, in 4 (AVX-512)
-// or 2 (AVX2) independent accumulators taking every 4th / 2nd entry, so that the loop is
-// bound by loads, not by the FMA latency; the accumulators are added in a fixed order
-// (deterministic, a different rounding than the plain sum of the generic path).
+// with entries gets y_r += sum_e c_e * x_{src_e}. D is walked in chunks (64 floats with
+// AVX-512, then 32; 32 with AVX2), all rows per chunk, so that the chunk of every source
+// row of the block (a few hundred rows) stays in L1/L2; compact source rows are padded to
+// an odd number of cache lines (padded_ld) so that their chunks spread over the L1 sets.
+// A row's chunk is held in registers over its entries, in 2 or 4 independent accumulator
+// sets taking alternate entries, so that the loop is bound by loads, not by the FMA
+// latency; the sets are added in a fixed order (deterministic, a different rounding than
+// the plain sum of the generic path). x's rows are ldx apart, y's D.
 // `end[r]` is one past row r's last entry (row r starts at end[r - 1], 0 for r = 0).
 template <typename T>
 void gather_rows_base(T* __restrict y, const T* __restrict x, int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
