@@ -26,19 +26,29 @@ import _runner  # noqa: E402
 
 from nbretr import ops  # noqa: E402
 from nbretr.ops.reference import dot_tile_fn  # noqa: E402
+from nbretr.ops.reference.topk import TILE_ELEMS  # noqa: E402
 
 try:
     import faiss  # noqa: E402
 except ImportError:  # pragma: no cover
     faiss = None
 
-# the tiles of the kernels (csrc/cpu/topk_engine.h, csrc/cuda/topk_engine.cuh)
-TILES = {"cpu": (1024, 2048), "cuda": (2048, 32768)}
+
+
+def kernel_tiles(device: str, G: int) -> tuple[int, int]:
+    """The extension's default (query chunk, gallery tile) on the device
+    (csrc/common/topk_tiles.h, reported by nbretr._C.topk_tiles); without the extension,
+    the torch path's (nbretr/ops/reference/topk.py)."""
+    if ops._backend._ext.ext_loaded():
+        import nbretr._C as ext
+        return tuple(ext.topk_tiles["cuda" if device.startswith("cuda") else "cpu"])
+    g_tile = max(1, min(G, TILE_ELEMS // 256))
+    return max(1, TILE_ELEMS // g_tile), g_tile
 
 
 def bare_mm(q, g, device):
     """The chunked matrix product alone, same tiles and casts as the extension."""
-    qc, gt = TILES["cuda" if device.startswith("cuda") else "cpu"]
+    qc, gt = kernel_tiles(device, g.shape[0])
     tile = dot_tile_fn(q, g)
     Q, G = q.shape[0], g.shape[0]
 

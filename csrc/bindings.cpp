@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cpu_isa.h"
+#include "common/topk_tiles.h"
 
 #ifndef NBRETR_WITH_CUDA
 #define NBRETR_WITH_CUDA 0
@@ -17,4 +18,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa_level", &nbretr::cpu_isa_level,
         "x86 vector extensions the CPU kernels use: 2 AVX-512, 1 AVX2+FMA, 0 baseline "
         "(NBRETR_CPU_ISA=avx512|avx2|base caps it)");
+  pybind11::dict tiles;  // the top-k engines' default (query chunk, gallery tile)
+  tiles["cpu"] = pybind11::make_tuple(nbretr::kTopkCpuQChunk, nbretr::kTopkCpuGTile);
+  tiles["cuda"] = pybind11::make_tuple(nbretr::kTopkCudaQChunk, nbretr::kTopkCudaGTile);
+  m.attr("topk_tiles") = tiles;
 }

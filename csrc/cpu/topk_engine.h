@@ -23,6 +23,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/topk_tiles.h"
+
 #include "common/cpu_isa.h"
 #include "common/topk.h"
 
@@ -105,8 +107,8 @@ inline int64_t next_hit(const float* row, int64_t j, int64_t n, float thr, uint3
 #endif
 
 struct TopkCpuTiling {
-  int64_t q_chunk = 1024;  // query rows per chunk (their candidate reservoirs stay live)
-  int64_t g_tile = 2048;   // gallery columns per tile
+  int64_t q_chunk = kTopkCpuQChunk;  // query rows per chunk (their candidate reservoirs stay live)
+  int64_t g_tile = kTopkCpuGTile;    // gallery columns per tile
   // gallery items per epoch: a candidate's column within its epoch is packed into 32 bits
   // (detail::pack_candidate); each epoch's top k is merged into the running list
   int64_t epoch = 0xFFFFFFFFLL;

@@ -22,6 +22,7 @@
 #include <cstdlib>
 
 #include "common/topk.h"
+#include "common/topk_tiles.h"
 
 namespace nbretr {
 namespace topk_cuda {
@@ -125,8 +126,8 @@ __global__ void count_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t
 }  // namespace topk_cuda
 
 struct TopkCudaTiling {
-  int64_t q_chunk = 2048;
-  int64_t g_tile = 32768;
+  int64_t q_chunk = kTopkCudaQChunk;
+  int64_t g_tile = kTopkCudaGTile;
   int64_t rounds = 16;  // a full list's scan round, in units of P columns (1: P-column rounds)
 };
 
