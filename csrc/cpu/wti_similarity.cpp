@@ -7,7 +7,8 @@
 // while the products are finite (see "the kept tokens" below). The side with fewer kept
 // tokens is compacted whole, the other block by block (its blocks outermost, so each is
 // compacted once per thread; views when nothing is dropped). Memory: one tile per running
-// task and the compacted side, never [Bt, Bv, L, F].
+// task and the compacted side, never [Bt, Bv, L, F]. Results are deterministic for a given
+// thread count; the tiles, and so the products' rounding, follow the thread count.
 //
 // Backward: one GEMM recompute per tile (tasks split among threads as in the forward)
 // stores every pair's arg-maxes ([Bt, Bv, L] and [Bt, Bv, F], uint8 while L, F <= 256,
@@ -137,7 +138,8 @@ void pair_max(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
 // arg-maxes, provided every dropped product is finite (then it is +-0): tokens are dropped
 // only when D * max|t| * max|v| * max|m_t| * max|m_v| is finite, the weights and the
 // upstream gradient too (their products with a dropped entry are skipped as zeros), and
-// NBRETR_WTI_CPU_COMPACT is not "0". Otherwise every token is kept, as before.
+// NBRETR_WTI_CPU_COMPACT is not "0". Otherwise every token is kept (as the GPU's tiled
+// driver always does).
 
 template <typename acc_t>
 struct Side {
