@@ -327,6 +327,51 @@ WtiPair<acc_t> kept_pair(const acc_t* tile, int64_t ld, const Side<acc_t>& ts, i
           ld, ts.mask.data() + ts.off[i], vs.mask.data() + vs.off[j], nullptr, nullptr, ts.kept(i), vs.kept(j)};
 }
 
+// The products' operands: the side with fewer kept rows compacted whole, the other's
+// blocks compacted per run into `scratch` (views where a block drops nothing and its rows
+// already have the accumulation dtype), so that the tasks run with the large side's blocks
+// outermost and each is compacted once per run. t2, v2: every token's rows ([Bt * L, D],
+// [Bv * F, D]) in any float dtype.
+template <typename acc_t>
+struct TileOperands {
+  const Side<acc_t>& ts;
+  const Side<acc_t>& vs;
+  at::Tensor t2, v2;
+  bool t_small;
+  at::Tensor small_rows, scratch;
+
+  TileOperands(const Side<acc_t>& ts_, const Side<acc_t>& vs_, const at::Tensor& t2_, const at::Tensor& v2_,
+               const at::TensorOptions& aopt, int64_t runs)
+      : ts(ts_), vs(vs_), t2(t2_), v2(v2_), t_small(ts_.rows <= vs_.rows) {
+    small_rows = t_small ? kept_whole(ts, t2, aopt) : kept_whole(vs, v2, aopt);
+    const bool copies = large().dropped_any() || (t_small ? v2 : t2).scalar_type() != aopt.dtype().toScalarType();
+    scratch = at::empty({runs, copies ? large().max_rows : 0, padded_ld(t2.size(1))}, aopt);
+  }
+  const Side<acc_t>& large() const { return t_small ? vs : ts; }
+  int64_t n_inner() const { return t_small ? ts.nblocks() : vs.nblocks(); }
+  // block k of the large side, for run r
+  at::Tensor large_block(int64_t k, int64_t r) const {
+    return t_small ? kept_block(vs, v2, k, scratch[r]) : kept_block(ts, t2, k, scratch[r]);
+  }
+  // the kept rows of text block tb and of video block vb (X: the large side's block, from
+  // large_block of tb or of vb)
+  at::Tensor text_rows(int64_t tb, const at::Tensor& X) const {
+    return t_small ? small_rows.narrow(0, ts.off[ts.blocks[tb]], ts.off[ts.blocks[tb + 1]] - ts.off[ts.blocks[tb]])
+                   : X;
+  }
+  at::Tensor video_rows(int64_t vb, const at::Tensor& X) const {
+    return t_small ? X
+                   : small_rows.narrow(0, vs.off[vs.blocks[vb]], vs.off[vs.blocks[vb + 1]] - vs.off[vs.blocks[vb]]);
+  }
+  // the raw products S [kept rows of text block tb, kept rows of video block vb] into buf
+  at::Tensor product(int64_t tb, int64_t vb, const at::Tensor& X, const at::Tensor& buf) const {
+    const at::Tensor T = text_rows(tb, X), V = video_rows(vb, X);
+    at::Tensor S = buf.narrow(0, 0, T.size(0) * V.size(0)).view({T.size(0), V.size(0)});
+    at::mm_out(S, T, V.t());
+    return S;
+  }
+};
+
 // s_ij from the pair's maxes (best: [L + F], rows then columns), in wti_pair_score's order
 template <typename acc_t>
 acc_t score_from_maxes(const acc_t* best, const acc_t* at, const acc_t* av, int64_t L, int64_t F) {
@@ -351,20 +396,14 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
     const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const auto aopt = p.t.options().dtype(acc);
-    // the side with fewer kept rows compact whole, the other block by block, its blocks
-    // outermost in the tasks so that each is compacted (or converted) once per run
-    const bool t_small = ts.rows <= vs.rows;
-    const Side<acc_t>& large = t_small ? vs : ts;
-    const at::Tensor small_rows = t_small ? kept_whole(ts, t2, aopt) : kept_whole(vs, v2, aopt);
-    const int64_t nbt = ts.nblocks(), nbv = vs.nblocks(), ntasks = nbt * nbv;
-    const int64_t n_inner = t_small ? nbt : nbv;
+    const int64_t ntasks = ts.nblocks() * vs.nblocks();
     const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+    const TileOperands<acc_t> ops(ts, vs, t2, v2, aopt, runs);
+    const int64_t n_inner = ops.n_inner();
     // one tile buffer per run, allocated here (no allocation on worker threads)
     at::Tensor tiles = at::empty({runs, ts.max_rows * vs.max_rows}, aopt);
     auto maxbuf = at::empty({runs, 2 * (d.L + d.F)}, aopt);
     auto argbuf = at::empty({runs, 2 * (d.L + d.F)}, aopt.dtype(at::kInt));
-    const bool copies = large.dropped_any() || p.low;  // else the large side's blocks are views
-    at::Tensor scratch = at::empty({runs, copies ? large.max_rows : 0, padded_ld(d.D)}, aopt);
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
@@ -374,15 +413,12 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
         int64_t x_at = -1;  // which
         for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
           const int64_t ob = task / n_inner, ib = task % n_inner;
-          const int64_t tb = t_small ? ib : ob, vb = t_small ? ob : ib;
-          if (ob != x_at) X = t_small ? kept_block(vs, v2, ob, scratch[r]) : kept_block(ts, t2, ob, scratch[r]);
+          const int64_t tb = ops.t_small ? ib : ob, vb = ops.t_small ? ob : ib;
+          if (ob != x_at) X = ops.large_block(ob, r);
           x_at = ob;
           const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
-          const int64_t nr = ts.off[i1] - ts.off[i0], ld = vs.off[j1] - vs.off[j0];
-          const at::Tensor T = t_small ? small_rows.narrow(0, ts.off[i0], nr) : X;
-          const at::Tensor V = t_small ? X : small_rows.narrow(0, vs.off[j0], ld);
-          at::Tensor S = tiles[r].narrow(0, 0, nr * ld).view({nr, ld});
-          at::mm_out(S, T, V.t());
+          const at::Tensor S = ops.product(tb, vb, X, tiles[r]);
+          const int64_t ld = S.size(1);
           const acc_t* s = S.const_data_ptr<acc_t>();
           for (int64_t i = i0; i < i1; ++i)
             for (int64_t j = j0; j < j1; ++j) {
@@ -620,16 +656,9 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   const at::Tensor gscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
   const auto t_acc = p.low ? t2.to(aopt.dtype().toScalarType()) : t2;
   const acc_t* tp = t_acc.const_data_ptr<acc_t>();
-  // the products' operands: the side with fewer kept rows compact whole, the other's
-  // blocks compacted per run (views when nothing is dropped) with its blocks outermost
-  const bool t_small = ts.rows <= vs.rows;
-  const Side<acc_t>& large = t_small ? vs : ts;
-  const at::Tensor small_rows = t_small ? kept_whole(ts, t_acc, aopt) : kept_whole(vs, v2, aopt);
-  const bool copies = large.dropped_any() || (t_small && p.low);  // (t_acc has the accumulation dtype)
-  at::Tensor kscr = at::empty({runs, copies ? large.max_rows : 0, padded_ld(D)}, aopt);
-  auto large_block = [&](int64_t k, int64_t r) {
-    return t_small ? kept_block(vs, v2, k, kscr[r]) : kept_block(ts, t_acc, k, kscr[r]);
-  };
+  // the products' operands (the texts from t_acc, converted once for the dL/dv sums anyway)
+  std::optional<TileOperands<acc_t>> ops(std::in_place, ts, vs, t_acc, v2, aopt, runs);
+  const bool t_small = ops->t_small;
   const GatherFn<acc_t> gather = pick_gather<acc_t>();
   acc_t* gtp = gt.mutable_data_ptr<acc_t>();
   auto run_sums = [&](int64_t r, int64_t rows) {
@@ -685,11 +714,8 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
     acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * 2 * (L + F);
     int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * 2 * (L + F);
     const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
-    const int64_t nr = ts.off[i1] - ts.off[i0], ld = vs.off[j1] - vs.off[j0];
-    const at::Tensor T = t_small ? small_rows.narrow(0, ts.off[i0], nr) : X;
-    const at::Tensor V = t_small ? X : small_rows.narrow(0, vs.off[j0], ld);
-    at::Tensor S = tiles[r].narrow(0, 0, nr * ld).view({nr, ld});
-    at::mm_out(S, T, V.t());
+    const at::Tensor S = ops->product(tb, vb, X, tiles[r]);
+    const int64_t ld = S.size(1);
     const acc_t* s = S.const_data_ptr<acc_t>();
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = j0; j < j1; ++j) {
@@ -708,7 +734,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
           gwv_r[j * F + f] += hg * mb[L + f];
         }
       }
-    if (fused) add_block(r, true, tb, vb, gtp + i0 * L * D, V.const_data_ptr<acc_t>(), V.stride(0), true);  // in cache
+    if (fused) {  // dL/dt of the tile's texts while its videos are in cache
+      const at::Tensor V = ops->video_rows(vb, X);
+      add_block(r, true, tb, vb, gtp + i0 * L * D, V.const_data_ptr<acc_t>(), V.stride(0), true);
+    }
   };
   if (fused) {
     // text blocks split among threads (at::parallel_for's static split: deterministic
@@ -722,18 +751,18 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
       acc_t* gwt_r = gwt.mutable_data_ptr<acc_t>();
       if (t_small) {
         for (int64_t vb = 0; vb < nbv; ++vb) {
-          const at::Tensor X = large_block(vb, r);
+          const at::Tensor X = ops->large_block(vb, r);
           for (int64_t tb = b0; tb < b1; ++tb) do_task(tb, vb, r, X, gwt_r);
         }
       } else {
         for (int64_t tb = b0; tb < b1; ++tb) {
-          const at::Tensor X = large_block(tb, r);
+          const at::Tensor X = ops->large_block(tb, r);
           for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb, vb, r, X, gwt_r);
         }
       }
     });
   } else {
-    const int64_t n_inner = t_small ? nbt : nbv;
+    const int64_t n_inner = ops->n_inner();
     at::parallel_for(0, runs, 1, [&](int64_t rb, int64_t re) {
       at::NoGradGuard no_grad;
       for (int64_t r = rb; r < re; ++r) {
@@ -741,7 +770,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
         int64_t x_at = -1;
         for (int64_t task = ntasks * r / runs; task < ntasks * (r + 1) / runs; ++task) {
           const int64_t ob = task / n_inner, ib = task % n_inner;
-          if (ob != x_at) X = large_block(ob, r);
+          if (ob != x_at) X = ops->large_block(ob, r);
           x_at = ob;
           do_task(t_small ? ib : ob, t_small ? ob : ib, r, X, lwt.mutable_data_ptr<acc_t>() + r * Bt * L);
         }
@@ -751,7 +780,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   }
   gwv.view({Bv * F}).copy_(lwv.sum(0));
   tiles = at::Tensor();
-  kscr = at::Tensor();
+  ops.reset();  // the compact operands are not needed by the sums below
 
   // 2) dL/dt (unless fused above) and dL/dv from the arg-maxes, block by block: texts are
   //    split among threads for dL/dt and videos for dL/dv (one writer per row), no dense dS
