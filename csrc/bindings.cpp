@@ -16,7 +16,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_version") = NBRETR_CUDA_VERSION;
   m.attr("cuda_archs") = NBRETR_CUDA_ARCHS;
   m.def("cpu_isa_level", &nbretr::cpu_isa_level,
-        "x86 vector extensions the CPU kernels use: 2 AVX-512, 1 AVX2+FMA, 0 baseline "
+        "x86 vector extensions the CPU kernels use: 2 AVX-512, 1 AVX2+FMA+F16C, 0 baseline "
         "(NBRETR_CPU_ISA=avx512|avx2|base caps it)");
   pybind11::dict tiles;  // the top-k engines' default (query chunk, gallery tile)
   tiles["cpu"] = pybind11::make_tuple(nbretr::kTopkCpuQChunk, nbretr::kTopkCpuGTile);

@@ -1,5 +1,5 @@
 """The CPU kernels' narrower builds (csrc/common/cpu_isa.h): the widest of AVX-512,
-AVX2+FMA and baseline x86-64 that the CPU runs is picked once per process, and
+AVX2+FMA+F16C and baseline x86-64 that the CPU runs is picked once per process, and
 NBRETR_CPU_ISA caps it. The op tests run again in a subprocess under each cap, so every
 build is tested on a machine that has them all."""
 import os

@@ -133,17 +133,30 @@ def test_low_precision_flash_attention_rule(device, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(7, 45, 9, 12, 40), (70, 30, 32, 12, 16)])
-def test_low_precision_cpu_is_the_fp32_kernel_on_upcast_inputs(dtype, shape):
-    """fp16/bf16 tokens are converted block by block (never copied whole), and dL/dv is
-    summed per video block in fp32, then written in the tokens' dtype: the result must be
-    the fp32 kernel's on the upcast inputs, rounded once. Shapes: few text blocks (dL/dt in
-    its own pass) and many (dL/dt right after each tile), several video blocks."""
+@pytest.mark.parametrize("shape, fused, texts_whole", [((7, 45, 9, 12, 100), False, True),
+                                                       ((70, 30, 32, 12, 16), True, False),
+                                                       ((48, 300, 32, 12, 72), True, True)])
+def test_low_precision_cpu_is_the_fp32_kernel_on_upcast_inputs(dtype, shape, fused, texts_whole):
+    """fp16/bf16 tokens are never copied whole: the products' operands are converted block
+    by block, the backward's row sums read the tokens as they are (converted on load), and
+    dL/dv and dL/dt are summed per block in fp32 (dL/dt whole only when a thread's texts
+    collect it over all its tiles), then written in the tokens' dtype: the result must be
+    the fp32 kernel's on the upcast inputs, rounded once. Two threads; the cases: few text
+    blocks (dL/dt in its own pass, reading the video tokens), many (dL/dt right after each
+    tile) with the videos or the texts compacted whole; D of 100 and 72 reach the 64-wide
+    row sums and their tails."""
     require_ext("cpu")
     args = make(*shape, dtype=dtype)
     up = [a.float() if a.is_floating_point() else a for a in args]
     gout = torch.randn(shape[:2])
-    got, want = _ext_grads(args, gout), _ext_grads(up, gout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t_rows, v_rows, t_blocks, _ = torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()
+        assert (t_blocks >= 4, t_rows <= v_rows) == (fused, texts_whole)  # the case is the one named
+        got, want = _ext_grads(args, gout), _ext_grads(up, gout)
+    finally:
+        torch.set_num_threads(threads)
     for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], got, want):
         assert a.dtype == (dtype if name in ("t", "v") else torch.float32), name
         assert torch.equal(a, b.to(a.dtype)), name

@@ -1,5 +1,5 @@
 // The x86 vector extensions the CPU kernels may use, picked once at run time (the build
-// has no -march): 2 = AVX-512 (F, VL, DQ, BW), 1 = AVX2 + FMA, 0 = baseline x86-64.
+// has no -march): 2 = AVX-512 (F, VL, DQ, BW), 1 = AVX2 + FMA + F16C, 0 = baseline x86-64.
 // NBRETR_CPU_ISA=avx512|avx2|base caps the choice, so that tests and benchmarks run every
 // path on one machine. Any other value is an error that names the variable.
 #pragma once
@@ -15,7 +15,7 @@ inline int cpu_isa_level() {
   static const int level = [] {
     int hw = 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
       hw = 1;
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))

@@ -17,11 +17,14 @@
 // row l, c * t_il to v's row f). They are collected per block of pairs, bucketed by the row
 // they add to, and each row is updated once per block with its sum held in registers
 // (RowSums). Threads split the texts for dL/dt and the videos for dL/dv (one writer per
-// output row, no atomics, deterministic for a given thread count); no dense dS.
+// output row, no atomics, deterministic for a given thread count); no dense dS. fp16/bf16
+// tokens are never copied whole: the row sums read them converted on load, and dL/dt and
+// dL/dv are summed per block in fp32, then written in the tokens' dtype.
 //
 // Float kernels have AVX-512 and AVX2 builds picked at run time (csrc/common/cpu_isa.h):
 // the per-pair maxes (F <= 16, AVX-512) and the row sums.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -61,13 +64,6 @@ Prepared prepare(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor
   const auto acc = wti_acc_type(t.scalar_type());
   return {t.contiguous(),         v.contiguous(),         t_mask.to(acc).contiguous(), t_weight.to(acc).contiguous(),
           v_mask.to(acc).contiguous(), v_weight.to(acc).contiguous(), t.scalar_type() != acc};
-}
-
-// Rows [r0, r0 + n) of a [rows, D] token matrix in the accumulation dtype: a view, or
-// (fp16/bf16 tokens: `scratch` defined) converted into the scratch block.
-at::Tensor acc_rows(const at::Tensor& x2, int64_t r0, int64_t n, const at::Tensor& scratch) {
-  at::Tensor rows = x2.narrow(0, r0, n);
-  return scratch.defined() ? scratch.narrow(0, 0, n).copy_(rows) : rows;
 }
 
 // The maxes of one pair and their arg-maxes: row l's (over frames) at best[l], arg[l],
@@ -444,28 +440,54 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
 // A row's chunk is held in registers over its entries, in 2 or 4 independent accumulator
 // sets taking alternate entries, so that the loop is bound by loads, not by the FMA
 // latency; the sets are added in a fixed order (deterministic, a different rounding than
-// the plain sum of the generic path). x's rows are ldx apart, y's D.
+// the plain sum of the generic path). x's rows are ldx apart, y's D. x may be fp16 or
+// bf16 (S) while y is fp32: its values are converted as they are loaded (exactly), so
+// that the tokens need no fp32 copy and the sums are those of the converted rows.
 // `end[r]` is one past row r's last entry (row r starts at end[r - 1], 0 for r = 0).
-template <typename T>
-void gather_rows_base(T* __restrict y, const T* __restrict x, int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
-                      const T* c, const int32_t* src) {
+template <typename T, typename S>
+void gather_rows_base(T* __restrict y, const S* __restrict x, int64_t D, int64_t ldx, int64_t rows,
+                      const int32_t* end, const T* c, const int32_t* src) {
   for (int64_t r = 0, b = 0; r < rows; b = end[r++])
     for (int64_t e = b; e < end[r]; ++e) {
-      const T* xs = x + src[e] * ldx;
+      const S* xs = x + src[e] * ldx;
       T* yr = y + r * D;
-      for (int64_t k = 0; k < D; ++k) yr[k] += c[e] * xs[k];
+      for (int64_t k = 0; k < D; ++k) yr[k] += c[e] * static_cast<T>(xs[k]);
     }
 }
 #if defined(__x86_64__)
-__attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __restrict y,
-                                                                     const float* __restrict x, int64_t D, int64_t ldx,
-                                                                     int64_t rows, const int32_t* end,
-                                                                     const float* c, const int32_t* src) {
+// n <= 16 source values from p as floats (lanes past n are 0)
+#define NBRETR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+NBRETR_AVX512 __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+NBRETR_AVX512 __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16: the high half of an fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+NBRETR_AVX512 __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+NBRETR_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+NBRETR_AVX512 __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+NBRETR_AVX512 __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#undef NBRETR_AVX512
+#define NBRETR_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+NBRETR_AVX2 __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+NBRETR_AVX2 __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+NBRETR_AVX2 __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#undef NBRETR_AVX2
+
+template <typename S>
+__attribute__((target("avx512f,avx512bw,avx512vl"), noinline)) void gather_rows_avx512(
+    float* __restrict y, const S* __restrict x, int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
+    const float* c, const int32_t* src) {
   // 64 floats at a time (4 vectors in 2 accumulator sets, even and odd entries): fewer
   // scalar loads per FMA than 32 at a time, the chunk of every source row still in L1/L2
   const int64_t D64 = D / 64 * 64;
   for (int64_t k = 0; k < D64; k += 64) {
-    const float* xk = x + k;
+    const S* xk = x + k;
     for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
       const int64_t e1 = end[r];
       if (e1 == b) continue;
@@ -476,13 +498,13 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
       for (; e + 2 <= e1; e += 2)
         for (int u = 0; u < 2; ++u) {
           const __m512 ce = _mm512_set1_ps(c[e + u]);
-          const float* xs = xk + src[e + u] * ldx;
-          for (int q = 0; q < 4; ++q) a[u][q] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16 * q), a[u][q]);
+          const S* xs = xk + src[e + u] * ldx;
+          for (int q = 0; q < 4; ++q) a[u][q] = _mm512_fmadd_ps(ce, load16(xs + 16 * q), a[u][q]);
         }
       if (e < e1) {
         const __m512 ce = _mm512_set1_ps(c[e]);
-        const float* xs = xk + src[e] * ldx;
-        for (int q = 0; q < 4; ++q) a[0][q] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16 * q), a[0][q]);
+        const S* xs = xk + src[e] * ldx;
+        for (int q = 0; q < 4; ++q) a[0][q] = _mm512_fmadd_ps(ce, load16(xs + 16 * q), a[0][q]);
       }
       for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yr + 16 * q, _mm512_add_ps(a[0][q], a[1][q]));
     }
@@ -491,7 +513,7 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
     const int64_t w = std::min<int64_t>(32, D - k);
     const __mmask16 m0 = w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << w) - 1);
     const __mmask16 m1 = w >= 32 ? 0xFFFF : w > 16 ? static_cast<__mmask16>((1u << (w - 16)) - 1) : 0;
-    const float* xk = x + k;
+    const S* xk = x + k;
     for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
       const int64_t e1 = end[r];
       if (e1 == b) continue;
@@ -504,16 +526,16 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
         for (; e + 4 <= e1; e += 4)
           for (int u = 0; u < 4; ++u) {
             const __m512 ce = _mm512_set1_ps(c[e + u]);
-            const float* xs = xk + src[e + u] * ldx;
-            a[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs), a[u]);
-            h[u] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xs + 16), h[u]);
+            const S* xs = xk + src[e + u] * ldx;
+            a[u] = _mm512_fmadd_ps(ce, load16(xs), a[u]);
+            h[u] = _mm512_fmadd_ps(ce, load16(xs + 16), h[u]);
           }
       }
       for (; e < e1; ++e) {
         const __m512 ce = _mm512_set1_ps(c[e]);
-        const float* xs = xk + src[e] * ldx;
-        a[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m0, xs), a[0]);
-        h[0] = _mm512_fmadd_ps(ce, _mm512_maskz_loadu_ps(m1, xs + 16), h[0]);
+        const S* xs = xk + src[e] * ldx;
+        a[0] = _mm512_fmadd_ps(ce, load16(xs, m0), a[0]);
+        h[0] = _mm512_fmadd_ps(ce, load16(xs + 16, m1), h[0]);
       }
       const __m512 lo = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
       const __m512 hi = _mm512_add_ps(_mm512_add_ps(h[0], h[1]), _mm512_add_ps(h[2], h[3]));
@@ -522,12 +544,14 @@ __attribute__((target("avx512f"), noinline)) void gather_rows_avx512(float* __re
     }
   }
 }
-__attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __restrict y, const float* __restrict x,
-                                                                     int64_t D, int64_t ldx, int64_t rows, const int32_t* end,
-                                                                     const float* c, const int32_t* src) {
+template <typename S>
+__attribute__((target("avx2,fma,f16c"), noinline)) void gather_rows_avx2(float* __restrict y, const S* __restrict x,
+                                                                          int64_t D, int64_t ldx, int64_t rows,
+                                                                          const int32_t* end, const float* c,
+                                                                          const int32_t* src) {
   const int64_t D32 = D / 32 * 32;
   for (int64_t k = 0; k < D32; k += 32) {
-    const float* xk = x + k;
+    const S* xk = x + k;
     for (int64_t r = 0, b = 0; r < rows; b = end[r++]) {
       const int64_t e1 = end[r];
       if (e1 == b) continue;
@@ -538,13 +562,13 @@ __attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __res
       for (; e + 2 <= e1; e += 2)
         for (int u = 0; u < 2; ++u) {
           const __m256 ce = _mm256_set1_ps(c[e + u]);
-          const float* xs = xk + src[e + u] * ldx;
-          for (int q = 0; q < 4; ++q) a[u][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[u][q]);
+          const S* xs = xk + src[e + u] * ldx;
+          for (int q = 0; q < 4; ++q) a[u][q] = _mm256_fmadd_ps(ce, load8(xs + 8 * q), a[u][q]);
         }
       if (e < e1) {
         const __m256 ce = _mm256_set1_ps(c[e]);
-        const float* xs = xk + src[e] * ldx;
-        for (int q = 0; q < 4; ++q) a[0][q] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xs + 8 * q), a[0][q]);
+        const S* xs = xk + src[e] * ldx;
+        for (int q = 0; q < 4; ++q) a[0][q] = _mm256_fmadd_ps(ce, load8(xs + 8 * q), a[0][q]);
       }
       for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yr + 8 * q, _mm256_add_ps(a[0][q], a[1][q]));
     }
@@ -552,23 +576,25 @@ __attribute__((target("avx2,fma"), noinline)) void gather_rows_avx2(float* __res
   if (D32 == D) return;
   for (int64_t r = 0, b = 0; r < rows; b = end[r++])
     for (int64_t e = b; e < end[r]; ++e)
-      for (int64_t k = D32; k < D; ++k) y[r * D + k] += c[e] * x[src[e] * ldx + k];
+      for (int64_t k = D32; k < D; ++k) y[r * D + k] += c[e] * static_cast<float>(x[src[e] * ldx + k]);
 }
 #endif
 
-template <typename T>
-using GatherFn = void (*)(T*, const T*, int64_t, int64_t, int64_t, const int32_t*, const T*, const int32_t*);
-template <typename T>
-GatherFn<T> pick_gather() {
-  return &gather_rows_base<T>;
-}
+template <typename T, typename S>
+using GatherFn = void (*)(T*, const S*, int64_t, int64_t, int64_t, const int32_t*, const T*, const int32_t*);
+// the widest build the CPU runs for accumulators T and source rows S (S: T, or fp16/bf16
+// with T = float)
+template <typename T, typename S>
+GatherFn<T, S> pick_gather() {
 #if defined(__x86_64__)
-template <>
-GatherFn<float> pick_gather<float>() {
-  const int isa = cpu_isa_level();
-  return isa >= 2 ? &gather_rows_avx512 : isa == 1 ? &gather_rows_avx2 : &gather_rows_base<float>;
-}
+  if constexpr (std::is_same_v<T, float>) {
+    const int isa = cpu_isa_level();
+    if (isa >= 2) return &gather_rows_avx512<S>;
+    if (isa == 1) return &gather_rows_avx2<S>;
+  }
 #endif
+  return &gather_rows_base<T, S>;
+}
 
 // The entries of one block of pairs, bucketed by destination row (a stable counting sort,
 // so each row sums its entries in collection order: deterministic). Storage is carved
@@ -595,8 +621,10 @@ struct RowSums {
     src[n] = static_cast<int32_t>(s);
     c[n++] = coef;
   }
-  // y[r] += sum of the entries of row r (rows of length D; x: the source rows)
-  void flush(acc_t* y, const acc_t* x, int64_t D, int64_t ldx, GatherFn<acc_t> gather) {
+  // y[r] += sum of the entries of row r (rows of length D; x: the source rows, in the
+  // accumulation dtype or fp16/bf16)
+  template <typename S>
+  void flush(acc_t* y, const S* x, int64_t D, int64_t ldx) {
     if (n == 0) return;
     std::fill(start, start + rows + 1, 0);
     for (int64_t e = 0; e < n; ++e) ++start[dst[e] + 1];
@@ -606,14 +634,17 @@ struct RowSums {
       c_sorted[at] = c[e];
       src_sorted[at] = src[e];
     }
+    static const GatherFn<acc_t, S> gather = pick_gather<acc_t, S>();
     gather(y, x, D, ldx, rows, start, c_sorted, src_sorted);  // start[r] is now the end of row r
     n = 0;
   }
 };
 
-template <typename acc_t, typename idx_t>
+// src_t: the tokens' dtype; gt and gv are in it, gwt and gwv in the accumulation dtype
+template <typename src_t, typename idx_t>
 void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, at::Tensor& gt, at::Tensor& gwt,
                    at::Tensor& gv, at::Tensor& gwv) {
+  using acc_t = at::opmath_type<src_t>;
   const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
   const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
@@ -649,18 +680,35 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   auto argbuf = at::empty({runs, 2 * (L + F)}, aopt.dtype(at::kInt));
   at::Tensor coefbuf = at::empty({runs, L}, aopt);
   at::Tensor sums_mem = at::empty({runs, sums_bytes}, aopt.dtype(at::kByte));
-  // fp16/bf16 tokens: the texts converted once whole (t_acc: the dL/dv sums read them), the
-  // video blocks per tile (vscr), each video block's dL/dv summed in gscr, then written to
-  // gv (already in the tokens' dtype); dL/dt is summed in gt (accumulation dtype) whole.
-  const at::Tensor vscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
-  const at::Tensor gscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
-  const auto t_acc = p.low ? t2.to(aopt.dtype().toScalarType()) : t2;
-  const acc_t* tp = t_acc.const_data_ptr<acc_t>();
-  // the products' operands (the texts from t_acc, converted once for the dL/dv sums anyway)
-  std::optional<TileOperands<acc_t>> ops(std::in_place, ts, vs, t_acc, v2, aopt, runs);
+  // the products' operands (fp16/bf16 tokens converted as they are compacted)
+  std::optional<TileOperands<acc_t>> ops(std::in_place, ts, vs, t2, v2, aopt, runs);
   const bool t_small = ops->t_small;
-  const GatherFn<acc_t> gather = pick_gather<acc_t>();
-  acc_t* gtp = gt.mutable_data_ptr<acc_t>();
+  // fp16/bf16 tokens are never copied whole: the row sums read them as they are (converted
+  // on load), each video block's dL/dv is summed in gscr and each text block's dL/dt in
+  // gtscr (fp32, per run), then written to gv and gt in the tokens' dtype. Only when a
+  // run adds to its texts' dL/dt over all its tasks (fused, texts compacted whole, so the
+  // video blocks are outermost) is dL/dt summed whole, in gt_whole.
+  const src_t* tp = p.t.const_data_ptr<src_t>();
+  const src_t* vp = p.v.const_data_ptr<src_t>();
+  const at::Tensor gscr = p.low ? at::empty({runs, vs.max_items * F, D}, aopt) : at::Tensor();
+  const bool dt_whole = !p.low || (fused && t_small);
+  const at::Tensor gt_acc = !p.low ? gt : dt_whole ? at::zeros({Bt, L, D}, aopt) : at::Tensor();
+  const at::Tensor gtscr = dt_whole ? at::Tensor() : at::empty({runs, ts.max_items * L, D}, aopt);
+  acc_t* gt_whole = dt_whole ? gt_acc.mutable_data_ptr<acc_t>() : nullptr;
+  auto gt2 = gt.view({Bt * L, D});
+  // where run r sums text block tb's dL/dt (zeroed scratch, or its rows of gt_whole), and
+  // its rows written to gt once complete
+  auto text_sums = [&](int64_t r, int64_t tb) -> acc_t* {
+    const int64_t i0 = ts.blocks[tb], n = (ts.blocks[tb + 1] - i0) * L;
+    if (dt_whole) return gt_whole + i0 * L * D;
+    acc_t* y = gtscr[r].mutable_data_ptr<acc_t>();
+    std::fill(y, y + n * D, acc_t(0));
+    return y;
+  };
+  auto text_done = [&](int64_t r, int64_t tb) {
+    const int64_t i0 = ts.blocks[tb], n = (ts.blocks[tb + 1] - i0) * L;
+    if (!dt_whole) gt2.narrow(0, i0 * L, n).copy_(gtscr[r].narrow(0, 0, n));
+  };
   auto run_sums = [&](int64_t r, int64_t rows) {
     return RowSums<acc_t>(static_cast<char*>(sums_mem[r].data_ptr()), rows, cap);
   };
@@ -689,8 +737,9 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   // dL/dt (to_text) or dL/dv rows of one block of pairs (text block tb x video block vb)
   // from the stored arg-maxes, added into the block's rows at y; x: the block's source
   // rows (for dL/dt its videos', compact when `kept_src`, else every frame; for dL/dv
-  // its texts', every token). A nonzero coefficient's frame is kept (its mask is not 0).
-  auto add_block = [&](int64_t r, bool to_text, int64_t tb, int64_t vb, acc_t* y, const acc_t* x, int64_t ldx,
+  // its texts', every token), in the accumulation dtype or the tokens'. A nonzero
+  // coefficient's frame is kept (its mask is not 0).
+  auto add_block = [&](int64_t r, bool to_text, int64_t tb, int64_t vb, acc_t* y, const auto* x, int64_t ldx,
                        bool kept_src) {
     const int64_t i0 = ts.blocks[tb], i1 = ts.blocks[tb + 1], j0 = vs.blocks[vb], j1 = vs.blocks[vb + 1];
     RowSums<acc_t> sums = run_sums(r, to_text ? (i1 - i0) * L : (j1 - j0) * F);
@@ -707,9 +756,10 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
             sums.add((j - j0) * F + f, (i - i0) * L + l, c);
         });
       }
-    sums.flush(y, x, D, ldx, gather);
+    sums.flush(y, x, D, ldx);
   };
-  auto do_task = [&](int64_t tb, int64_t vb, int64_t r, const at::Tensor& X, acc_t* gwt_r) {
+  // dt: where the tile's texts' dL/dt is summed when fused (from text_sums), else null
+  auto do_task = [&](int64_t tb, int64_t vb, int64_t r, const at::Tensor& X, acc_t* gwt_r, acc_t* dt) {
     acc_t* gwv_r = lwv.mutable_data_ptr<acc_t>() + r * Bv * F;
     acc_t* mb = maxbuf.mutable_data_ptr<acc_t>() + r * 2 * (L + F);
     int32_t* ab = argbuf.mutable_data_ptr<int32_t>() + r * 2 * (L + F);
@@ -736,7 +786,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
       }
     if (fused) {  // dL/dt of the tile's texts while its videos are in cache
       const at::Tensor V = ops->video_rows(vb, X);
-      add_block(r, true, tb, vb, gtp + i0 * L * D, V.const_data_ptr<acc_t>(), V.stride(0), true);
+      add_block(r, true, tb, vb, dt, V.const_data_ptr<acc_t>(), V.stride(0), true);
     }
   };
   if (fused) {
@@ -749,15 +799,17 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
       // (clamped: a nested call runs inline on one thread whatever its number)
       const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
       acc_t* gwt_r = gwt.mutable_data_ptr<acc_t>();
-      if (t_small) {
+      if (t_small) {  // (dt_whole)
         for (int64_t vb = 0; vb < nbv; ++vb) {
           const at::Tensor X = ops->large_block(vb, r);
-          for (int64_t tb = b0; tb < b1; ++tb) do_task(tb, vb, r, X, gwt_r);
+          for (int64_t tb = b0; tb < b1; ++tb) do_task(tb, vb, r, X, gwt_r, gt_whole + ts.blocks[tb] * L * D);
         }
       } else {
         for (int64_t tb = b0; tb < b1; ++tb) {
           const at::Tensor X = ops->large_block(tb, r);
-          for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb, vb, r, X, gwt_r);
+          acc_t* dt = text_sums(r, tb);
+          for (int64_t vb = 0; vb < nbv; ++vb) do_task(tb, vb, r, X, gwt_r, dt);
+          text_done(r, tb);
         }
       }
     });
@@ -772,7 +824,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
           const int64_t ob = task / n_inner, ib = task % n_inner;
           if (ob != x_at) X = ops->large_block(ob, r);
           x_at = ob;
-          do_task(t_small ? ib : ob, t_small ? ob : ib, r, X, lwt.mutable_data_ptr<acc_t>() + r * Bt * L);
+          do_task(t_small ? ib : ob, t_small ? ob : ib, r, X, lwt.mutable_data_ptr<acc_t>() + r * Bt * L, nullptr);
         }
       }
     });
@@ -787,12 +839,11 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   if (!fused) {
     at::parallel_for(0, nbt, 1, [&](int64_t b0, int64_t b1) {
       const int64_t r = std::min<int64_t>(at::get_thread_num(), runs - 1);
-      for (int64_t tb = b0; tb < b1; ++tb)
-        for (int64_t vb = 0; vb < nbv; ++vb) {
-          const int64_t j0 = vs.blocks[vb], nv = vs.blocks[vb + 1] - j0;
-          const at::Tensor V = acc_rows(v2, j0 * F, nv * F, p.low ? vscr[r] : at::Tensor());
-          add_block(r, true, tb, vb, gtp + ts.blocks[tb] * L * D, V.const_data_ptr<acc_t>(), D, false);
-        }
+      for (int64_t tb = b0; tb < b1; ++tb) {
+        acc_t* dt = text_sums(r, tb);
+        for (int64_t vb = 0; vb < nbv; ++vb) add_block(r, true, tb, vb, dt, vp + vs.blocks[vb] * F * D, D, false);
+        text_done(r, tb);
+      }
     });
   }
   auto gv2 = gv.view({Bv * F, D});
@@ -806,6 +857,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
       if (p.low) gv2.narrow(0, j0 * F, nv * F).copy_(gscr[r].narrow(0, 0, nv * F));
     }
   });
+  if (p.low && dt_whole) gt.copy_(gt_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backward_cpu(
@@ -815,23 +867,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   check_wti_grad(grad, d, t);
   at::NoGradGuard no_grad;
   const auto acc = wti_acc_type(t.scalar_type());
-  auto gt = at::zeros({d.Bt, d.L, d.D}, t.options().dtype(acc));
-  auto gv = at::zeros({d.Bv, d.F, d.D}, v.options());  // written block by block in v's dtype
+  auto gt = at::zeros({d.Bt, d.L, d.D}, t.options());  // summed in the accumulation dtype, by
+  auto gv = at::zeros({d.Bv, d.F, d.D}, v.options());  // blocks where the tokens' is narrower
   auto gwt = at::zeros({d.Bt, d.L}, t.options().dtype(acc));
   auto gwv = at::zeros({d.Bv, d.F}, t.options().dtype(acc));
   if (d.Bt > 0 && d.Bv > 0 && d.D > 0) {  // D == 0: every gradient is 0
     const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
     const at::Tensor g = grad.to(acc).contiguous();  // (checked by make_sides before tokens are dropped)
     const bool small = std::max(d.L, d.F) <= 256;
-    AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "wti_similarity_backward_cpu", [&] {
+      static_assert(std::is_same_v<at::opmath_type<scalar_t>, float> || std::is_same_v<scalar_t, double>);
       if (small)
         backward_impl<scalar_t, uint8_t>(d, p, g, gt, gwt, gv, gwv);
       else
         backward_impl<scalar_t, int32_t>(d, p, g, gt, gwt, gv, gwv);
     });
   }
-  return {gt.to(t.scalar_type()), gwt.to(t_weight.scalar_type()), gv,
-          gwv.to(v_weight.scalar_type())};
+  return {gt, gwt.to(t_weight.scalar_type()), gv, gwv.to(v_weight.scalar_type())};
 }
 
 // ---- test hook: the GPU's tiled driver (csrc/common/wti_tiled.h) with a host loop in
