@@ -227,6 +227,34 @@ def write_json(results: list[Result], out: str | os.PathLike | None, bench: str)
     return path
 
 
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64", "fp64": "float64",
+           "double": "float64"}
+
+
+def dtype_list(text: str) -> list[str]:
+    """argparse type for --dtypes: comma-separated names (torch's or fp32/bf16/fp16/fp64),
+    returned as torch's names; an unknown one is an error that names it."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n.lower() not in _DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {bad[0]!r}; expected a comma-separated list of "
+                                         "float32 (fp32), bfloat16 (bf16), float16 (fp16), float64 (fp64)"
+                                         if bad else "expected at least one dtype")
+    return [_DTYPES[n.lower()] for n in names]
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated positive integers (sizes, k)."""
+    try:
+        vals = [int(n.replace("_", "")) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return vals
+
+
 def arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

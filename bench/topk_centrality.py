@@ -89,9 +89,9 @@ def check(q, g, k, device, use_faiss):
 
 def main() -> int:
     p = _runner.arg_parser(__doc__)
-    p.add_argument("--sizes", default=None, help="comma-separated N (Q = G = N)")
-    p.add_argument("--ks", default="10,100")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--sizes", type=_runner.int_list, default=None, help="comma-separated N (Q = G = N)")
+    p.add_argument("--ks", type=_runner.int_list, default="10,100")
+    p.add_argument("--dtypes", type=_runner.dtype_list, default="float32,bfloat16")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--time-cap", type=float, default=float("inf"),
                    help="seconds; skip the remaining cases once the sweep has run this long")
@@ -107,15 +107,15 @@ def main() -> int:
     dev = args.device
     on_gpu = dev.startswith("cuda")
     if args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = args.sizes
     elif args.quick:
         sizes = [2000]
     else:
         sizes = [200000, 1000000] if on_gpu else [10000, 20000]
         if on_gpu and args.fp32_max is None:
             args.fp32_max = 200000
-    ks = [int(k) for k in args.ks.split(",")]
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    ks = args.ks
+    dtypes = [getattr(torch, d) for d in args.dtypes]
     has_ext = ops._backend.ext_supports(torch.device(dev))[0]
     results: list[_runner.Result] = []
     t_start = time.perf_counter()

@@ -41,7 +41,7 @@ def select(name: str) -> str:
 
 def main() -> int:
     p = _runner.arg_parser(__doc__)
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", type=_runner.dtype_list, default="float32,bfloat16")
     p.add_argument("--no-eval", action="store_true", help="skip the 1,000 x 1,000 evaluation shape")
     args = p.parse_args()
     dev = args.device
@@ -53,7 +53,7 @@ def main() -> int:
     results = []
     impls = ["torch"] + (["ext"] if has_ext else [])
     impls += (["ext fused"] if dev.startswith("cuda") else ["ext keep-all"]) if has_ext else []
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         cases = [(bt, bv, True) for bt, bv in train] + [(bt, bv, False) for bt, bv in evals]
         for bt, bv, with_grad in cases:

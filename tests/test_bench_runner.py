@@ -73,3 +73,18 @@ def test_a_case_that_cannot_allocate_is_recorded_not_raised():
         raise RuntimeError("shape mismatch")
     with pytest.raises(RuntimeError, match="shape mismatch"):
         _runner.run_case("x", "broken", {}, broken, "cpu", warmup=0, repeats=1)
+
+
+def test_dtype_and_int_lists_name_the_bad_value(capsys):
+    assert _runner.dtype_list("bf16,float32, fp16") == ["bfloat16", "float32", "float16"]
+    assert _runner.int_list("10,200_000") == [10, 200000]
+    p = _runner.arg_parser("x")
+    p.add_argument("--dtypes", type=_runner.dtype_list, default="fp32")
+    p.add_argument("--ks", type=_runner.int_list, default="10")
+    assert p.parse_args([]).dtypes == ["float32"] and p.parse_args([]).ks == [10]
+    for argv, msg in [(["--dtypes", "float32,int8"], "argument --dtypes: unknown dtype 'int8'"),
+                      (["--ks", "10,a"], "argument --ks: expected comma-separated integers, got '10,a'"),
+                      (["--ks", "0"], "argument --ks: expected comma-separated integers >= 1, got '0'")]:
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+        assert msg in capsys.readouterr().err
