@@ -93,3 +93,13 @@ def assert_topk_equivalent(values, indices, ref_values, ref_indices, gallery_val
     for row in indices.tolist():
         valid = [i for i in row if i >= 0]
         assert len(valid) == len(set(valid)), f"index repeated in a top-k row: {row}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_cublas_fp16_accumulation():
+    """Tests may set torch.backends.cuda.matmul.allow_fp16_accumulation (a property that
+    monkeypatch cannot restore); put it back after each test."""
+    before = getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", None)
+    yield
+    if before is not None:
+        torch.backends.cuda.matmul.allow_fp16_accumulation = before

@@ -233,6 +233,9 @@ def _err_cases(device):
         (dict(q=q, g=g, k=2, sums=s.float()), "sums must have dtype torch.float64, got torch.float32"),
         (dict(q=nan_q, g=g, k=2), "q contains NaN or Inf values"),
         (dict(q=q, g=inf_g, k=2), "g contains NaN or Inf values"),
+        (dict(q=torch.full_like(q, 1e20), g=torch.full_like(g, -1e19), k=2),
+         "q and g may give similarities beyond the float32 range (D * max|q| * max|g| = 3e+39 > 1.70141e+38); "
+         "scale them down"),
     ]
 
 
@@ -340,6 +343,53 @@ def test_cuda_scan_rounds(monkeypatch, rounds, k):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("rounds", ["1", ""])
+@pytest.mark.parametrize("k", [1, 100, 1024])
+def test_cuda_large_many_chunks_and_tiles(monkeypatch, rounds, k):
+    """More than one query chunk (2,048 rows) and gallery tile (32,768 columns): each row's
+    running list is carried across tiles and chunks, and exclude_self falls in later tiles
+    (q_offset > 0). Small integers: huge tie groups, exact comparison with the oracle."""
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    q, g = int_data(1, 70000, 4, "cuda", torch.float32, lo=-1, hi=2)
+    off = 40000
+    q = g[off:off + 2500]
+    c = torch.zeros(70000, dtype=torch.int64, device="cuda")
+    s = torch.zeros(70000, dtype=torch.float64, device="cuda")
+    v, i, _, _ = ops.topk_centrality(q, g, k, exclude_self=True, q_offset=off, counts=c, sums=s, backend="ext")
+    ov, oi, oc, os_ = oracle(q, g, k, exclude_self=True, q_offset=off)
+    assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("rounds", ["1", "3", ""])
+def test_cuda_every_round_overflows(monkeypatch, rounds):
+    """An ascending gallery: every column beats the row's current k-th value, so every
+    wide round holds more than P candidates and is scanned again P columns at a time."""
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    q = torch.ones(3, 1, device="cuda")
+    g = torch.arange(20000, device="cuda", dtype=torch.float32)[:, None]
+    v, i, c, s = ops.topk_centrality(q, g, 1024, backend="ext")
+    ov, oi, oc, os_ = oracle(q, g, 1024)
+    assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_large_half_inputs_many_tiles(monkeypatch, dtype):
+    """fp16/bf16 over more than one gallery tile, fp16 also with torch's fp16 cuBLAS
+    accumulation allowed (products on upcast inputs then): exact on integer data."""
+    require_ext("cuda")
+    q, g = int_data(300, 40000, 8, "cuda", dtype)
+    ov, oi, oc, os_ = oracle(q, g, 50)
+    for allow in ([False, True] if dtype == torch.float16 else [False]):
+        torch.backends.cuda.matmul.allow_fp16_accumulation = allow  # (conftest restores it)
+        v, i, c, s = ops.topk_centrality(q, g, 50, backend="ext")
+        assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_), allow
+
+
+@pytest.mark.needs_cuda
 def test_cuda_scan_rounds_bad_value(monkeypatch):
     require_ext("cuda")
     monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", "0")
@@ -370,6 +420,34 @@ def test_signed_zeros_and_negative_values_tie(device, backend):
     v, i, _, _ = ops.topk_centrality(q, g, 6, backend=backend)
     assert i.tolist() == [[4, 0, 1, 2, 3, 5], [3, 5, 0, 1, 2, 4]]
     assert v.tolist() == [[2.0, 0.0, 0.0, 0.0, -3.0, -3.0], [3.0, 3.0, 0.0, 0.0, 0.0, -2.0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_range(device, backend):
+    """Finite inputs whose similarities could leave float32's range (Inf, then NaN from
+    Inf - Inf) are refused on every backend; up to the bound they are ranked as usual."""
+    _ok(backend, device)
+    q = torch.tensor([[1e20, 1e20]], device=device)
+    g = torch.tensor([[1e20, -1e20], [1.0, 1.0]], device=device)
+    with pytest.raises(RuntimeError, match=_re("q and g may give similarities beyond the float32 range")):
+        ops.topk_centrality(q, g, 2, backend=backend)
+    q = torch.tensor([[1e18]], device=device)
+    g = torch.tensor([[1e18], [-1e19], [1.3e20], [0.0]], device=device)  # bound 1.3e38: allowed
+    v, i, c, s = ops.topk_centrality(q, g, 4, backend=backend)
+    assert i.tolist() == [[2, 0, 3, 1]] and torch.isfinite(v).all()
+    assert torch.equal(v, (q.double() @ g.double().T)[:, i[0]].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subnormal_similarities_keep_their_order(device, backend):
+    """Similarities below float32's normal range are ordered by value, not flushed to 0 and
+    tied by index (the CUDA build keeps subnormals: --ftz=false)."""
+    _ok(backend, device)
+    q = torch.tensor([[1e-20]], device=device)
+    g = torch.tensor([[1e-20], [2e-20], [0.0], [-1e-20]], device=device)  # 1e-40, 2e-40, 0, -1e-40
+    v, i, _, _ = ops.topk_centrality(q, g, 4, backend=backend)
+    assert i.tolist() == [[1, 0, 2, 3]]
+    assert v[0, 0] > v[0, 1] > 0 > v[0, 3]
 
 
 # -- sim="wti": token-set queries and galleries (streamed WTI blocks) ---------------------

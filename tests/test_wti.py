@@ -389,10 +389,15 @@ def test_non_default_stream():
     want = ops.wti_similarity(*args, backend="torch")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
+    gout = torch.randn(6, 7, device="cuda")
+    want_grads = _grads(args, "ext", gout)
     with torch.cuda.stream(s):
         got = ops.wti_similarity(*args, backend="ext")
+        got_grads = _grads(args, "ext", gout)  # the backward too
     s.synchronize()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], got_grads, want_grads):
+        assert torch.equal(a, b), name
 
 
 # ---- the CUDA backend's tiled driver (csrc/common/wti_tiled.h), checked on the CPU ------
@@ -548,3 +553,26 @@ def test_cuda_implementations(monkeypatch, impl, shape):
         return
     for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], _grads(args, "ext", gout), _grads(args, "torch", gout)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_large_tiled_many_tiles_exact(monkeypatch, dtype):
+    """The CUDA tiled default over many tiles (300 x 300 pairs, L=32, F=12: 5 x 2 tiles of
+    2,048 x 2,048 entries, ragged at the edges, dt/dv accumulated across tiles) on exact
+    small-integer inputs: outputs and gradients equal the CPU kernel's bit for bit; fp16
+    also with torch's fp16 cuBLAS accumulation allowed (the products then run on upcast
+    inputs)."""
+    require_ext("cuda")
+    monkeypatch.setenv("NBRETR_WTI_CUDA", "tiled")
+    args, gout = _exact_inputs(300, 300, 32, 12, 8, dtype)
+    want = _ext_grads(args, gout)
+    cuda_args = [a.cuda() for a in args]
+    flags = [False, True] if dtype == torch.float16 else [False]
+    for allow in flags:
+        torch.backends.cuda.matmul.allow_fp16_accumulation = allow  # (conftest restores it)
+        got = _ext_grads(cuda_args, gout.cuda())
+        for name, a, b in zip(["s", "t", "t_weight", "v", "v_weight"], got, want):
+            assert a.dtype == b.dtype, name
+            assert torch.equal(a.cpu(), b), f"{name} (allow_fp16_accumulation={allow})"
+

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -45,13 +46,27 @@ inline void check_topk_common(const char* op, int64_t Q, int64_t G, int64_t k, b
   NBRETR_CHECK_ARG(sums.is_contiguous(), op, "sums must be contiguous");
 }
 
-inline void check_topk_finite(const char* op, const char* name, const at::Tensor& x) {
-  if (x.numel() == 0) return;
+// max |x| over x, after checking that every element is finite (0 when x is empty)
+inline double check_topk_finite(const char* op, const char* name, const at::Tensor& x) {
+  if (x.numel() == 0) return 0;
   // one pass: min and max are finite iff every element is (NaN propagates)
   auto mm = at::aminmax(x);
-  const bool ok = std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>());
-  NBRETR_CHECK_ARG(ok, op, name,
+  const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+  NBRETR_CHECK_ARG(std::isfinite(lo) && std::isfinite(hi), op, name,
                    " contains NaN or Inf values; topk_centrality needs finite inputs");
+  return std::max(std::fabs(lo), std::fabs(hi));
+}
+
+// Finite inputs can still give similarities past the float32 range (then Inf, and NaN from
+// Inf - Inf), which no backend could rank alike. |q_i . g_j| <= D max|q| max|g|, so that
+// bound must stay under half of float32's maximum (room for the products' rounding).
+constexpr double kTopkSimLimit = 1.7014117331926443e38;  // FLT_MAX / 2
+
+inline void check_topk_sim_range(const char* op, int64_t D, double max_q, double max_g) {
+  const double bound = static_cast<double>(D) * max_q * max_g;
+  NBRETR_CHECK_ARG(bound <= kTopkSimLimit, op,
+                   "q and g may give similarities beyond the float32 range (D * max|q| * max|g| = ", bound,
+                   " > ", kTopkSimLimit, "); scale them down");
 }
 
 // sim="dot": q [Q, D], g [G, D], one float dtype, one device.
@@ -70,8 +85,9 @@ inline void check_topk_dot_args(const at::Tensor& q, const at::Tensor& g, int64_
   NBRETR_CHECK_ARG(g.device() == q.device(), op, "g is on ", g.device(), " but q is on ", q.device(),
                    "; every tensor must be on one device");
   check_topk_common(op, q.size(0), g.size(0), k, exclude_self, q_offset, counts, sums, q.device());
-  check_topk_finite(op, "q", q);
-  check_topk_finite(op, "g", g);
+  const double max_q = check_topk_finite(op, "q", q);
+  const double max_g = check_topk_finite(op, "g", g);
+  check_topk_sim_range(op, q.size(1), max_q, max_g);
 }
 
 }  // namespace nbretr

@@ -1,5 +1,5 @@
 // topk_centrality, sim="dot", CUDA: every tile is one matrix product on the current
-// stream (at::mm_out: cuBLAS; fp16/bf16 with fp32 output where torch has mm(out_dtype),
+// stream (at::mm_out: cuBLAS; fp16/bf16 with fp32 output where torch has and allows mm(out_dtype),
 // else on fp32 casts), then selection and counts of csrc/cuda/topk_engine.cuh; the sums
 // without tiles (csrc/common/topk_dot_sums.h, the CPU kernel's code).
 #include <ATen/ATen.h>
@@ -25,14 +25,16 @@ std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cuda(const at::Tensor& q,
   at::Tensor values = at::empty({Q, k}, q.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({Q, k}, q.options().dtype(at::kLong));
   if (Q == 0) return {values, indices};
-  const bool half = q.scalar_type() != at::kFloat;
-  const at::Tensor qc = (half && !NBRETR_HAS_MM_OUT_DTYPE) ? q.to(at::kFloat).contiguous() : q.contiguous();
-  const at::Tensor gc = (half && !NBRETR_HAS_MM_OUT_DTYPE) ? g.to(at::kFloat).contiguous() : g.contiguous();
+  // fp16/bf16: products with an fp32 output where torch allows it, else on upcast inputs
+  const bool half_mm = q.scalar_type() != at::kFloat && half_mm_out_float(q.scalar_type());
+  const bool upcast = q.scalar_type() != at::kFloat && !half_mm;
+  const at::Tensor qc = upcast ? q.to(at::kFloat).contiguous() : q.contiguous();
+  const at::Tensor gc = upcast ? g.to(at::kFloat).contiguous() : g.contiguous();
   auto tile_fn = [&](int64_t q0, int64_t qn, int64_t g0, int64_t gn, at::Tensor& out) {
     const at::Tensor a = qc.narrow(0, q0, qn);
     const at::Tensor b = gc.narrow(0, g0, gn).t();
 #if NBRETR_HAS_MM_OUT_DTYPE
-    if (half) {
+    if (half_mm) {
       at::mm_out(out, a, b, at::kFloat);
       return;
     }

@@ -282,7 +282,6 @@ void launch_tiles(const Prepared& p, const TileShape& s, at::Tensor out, at::Ten
 
 constexpr int64_t kTiledRows = 2048, kTiledCols = 2048;  // S and dS tiles of 16 MiB (fp32)
 constexpr int kPairThreads = 64;  // small blocks: a tile may hold only a few hundred pairs
-constexpr bool kHalfMm = NBRETR_HAS_MM_OUT_DTYPE;  // mm(out_dtype=float32) for fp16/bf16 tiles
 
 template <typename acc_t>
 __global__ void wti_tiled_score_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
@@ -329,7 +328,8 @@ at::Tensor wti_similarity_cuda(const at::Tensor& t, const at::Tensor& t_mask, co
   if (!use_fused()) {
     at::NoGradGuard no_grad;
     CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
-    return wti_tiled_forward(t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols, kHalfMm, launch);
+    return wti_tiled_forward(t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols,
+                             half_mm_out_float(t.scalar_type()), launch);
   }
   auto out = at::empty({d.Bt, d.Bv}, t.options().dtype(acc));
   if (d.Bt == 0 || d.Bv == 0) return out;
@@ -352,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   at::NoGradGuard no_grad;
   if (!use_fused()) {
     CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
-    return wti_tiled_backward(grad, t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols, kHalfMm,
+    return wti_tiled_backward(grad, t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols,
+                              half_mm_out_float(t.scalar_type()),
                               launch);
   }
   const auto acc = wti_acc_type(t.scalar_type());

@@ -52,10 +52,27 @@ def check_topk_common(Q: int, G: int, k: int, exclude_self: bool, q_offset: int,
             _fail(f"{name} requires grad; topk_centrality has no gradient")
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    # one pass: min and max are finite iff every element is (as csrc/common/topk_checks.h)
-    if x.numel() and not all(math.isfinite(float(m)) for m in torch.aminmax(x)):
+def _check_finite(name: str, x: torch.Tensor) -> float:
+    """max |x|, after checking every element is finite (as csrc/common/topk_checks.h)."""
+    if not x.numel():
+        return 0.0
+    lo, hi = (float(m) for m in torch.aminmax(x))  # one pass: NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         _fail(f"{name} contains NaN or Inf values; topk_centrality needs finite inputs")
+    return max(abs(lo), abs(hi))
+
+
+TOPK_SIM_LIMIT = 1.7014117331926443e38  # float32's maximum / 2 (csrc/common/topk_checks.h)
+
+
+def _check_sim_range(D: int, max_q: float, max_g: float) -> None:
+    """|q_i . g_j| <= D max|q| max|g| must stay in float32's range (half of it, for the
+    products' rounding), or similarities could be Inf or NaN and no two backends would rank
+    them alike (as csrc/common/topk_checks.h ``check_topk_sim_range``)."""
+    bound = float(D) * max_q * max_g
+    if not bound <= TOPK_SIM_LIMIT:
+        _fail(f"q and g may give similarities beyond the float32 range (D * max|q| * max|g| = {bound:g} > "
+              f"{TOPK_SIM_LIMIT:g}); scale them down")
 
 
 def check_topk_dot_args(q: Any, g: Any, k: int, exclude_self: bool, q_offset: int, counts: torch.Tensor,
@@ -76,8 +93,7 @@ def check_topk_dot_args(q: Any, g: Any, k: int, exclude_self: bool, q_offset: in
         _fail(f"g is on {g.device} but q is on {q.device}; every tensor must be on one device")
     check_topk_common(q.shape[0], g.shape[0], k, exclude_self, q_offset, counts, sums, q.device)
     if finite:
-        _check_finite("q", q)
-        _check_finite("g", g)
+        _check_sim_range(q.shape[1], _check_finite("q", q), _check_finite("g", g))
 
 
 def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: bool = False,
