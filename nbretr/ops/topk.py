@@ -134,7 +134,9 @@ def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: b
         rows best first, descending value, equal values by ascending gallery index
         (identical rule on CPU, CUDA and torch). ``counts``/``sums`` are the given tensors.
         Empty ``q`` gives empty outputs and leaves counts/sums untouched. NaN or Inf in the
-        inputs is an error on every backend. No gradient (inputs are detached).
+        inputs is an error on every backend, and so are inputs whose similarities could
+        leave float32's range (``D * max|q| * max|g|`` above half its maximum). No gradient
+        (inputs are detached).
     """
     if sim == "wti":
         return _topk_centrality_wti(q, g, k, exclude_self=exclude_self, counts=counts, sums=sums,
