@@ -486,3 +486,24 @@ def test_wti_sim_bad_input():
         ops.topk_centrality(torch.zeros(2, 3), _wti_triple(2, 2, 3, 0), 1, sim="wti")
     with pytest.raises(RuntimeError, match="q_role must be"):
         ops.topk_centrality(_wti_triple(2, 2, 3, 0), _wti_triple(2, 2, 3, 0), 1, sim="wti", q_role="audio")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wti_sim_refuses_non_finite_and_out_of_range(backend):
+    """sim="wti" keeps sim="dot"'s contract: NaN/Inf tokens or weights, and similarities
+    that could leave float32's range, are errors (before any block is computed)."""
+    _ok(backend, "cpu")
+    q, g = _wti_triple(3, 4, 8, 0), _wti_triple(5, 2, 8, 1)
+    bad = q[0].clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match=_re("q tokens contains NaN or Inf values")):
+        ops.topk_centrality((bad, q[1], q[2]), g, 2, sim="wti", backend=backend)
+    w = g[2].clone()
+    w[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=_re("g weight contains NaN or Inf values")):
+        ops.topk_centrality(q, (g[0], g[1], w), 2, sim="wti", backend=backend)
+    with pytest.raises(RuntimeError, match=_re("may give WTI similarities beyond the float32 range")):
+        ops.topk_centrality((q[0] * 1e19, q[1], q[2]), (g[0] * 1e19, g[1], g[2]), 2, sim="wti", backend=backend)
+    v, _, _, _ = ops.topk_centrality((q[0] * 1e17, q[1], q[2]), (g[0] * 1e17, g[1], g[2]), 2, sim="wti",
+                                     backend=backend)  # within the bound: ranked as usual
+    assert torch.isfinite(v).all()

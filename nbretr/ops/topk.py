@@ -165,6 +165,26 @@ def topk_centrality(q: Any, g: Any, k: int, *, sim: str = "dot", exclude_self: b
 WTI_TILE = 256  # queries x gallery items per WTI block (the torch path holds tile x L x F)
 
 
+def _check_wti_range(q: tuple, g: tuple) -> None:
+    """sim="wti": finite tokens, masks and weights, and WTI similarities inside float32's
+    range: |s| <= D max|S| (L_q max|w_q| + L_g max|w_g|) / 2 with |S| <= max|x_q| max|x_g|
+    max|m_q| max|m_g| (as sim="dot"'s bound, with the same limit)."""
+    m = {}
+    for side, trip in (("q", q), ("g", g)):
+        for part, x in zip(("tokens", "mask", "weight"), trip):
+            if x.is_floating_point():
+                m[side, part] = _check_finite(f"{side} {part}", x)
+            else:
+                m[side, part] = float(x.double().abs().max()) if x.numel() else 0.0
+    D = q[0].shape[-1] if q[0].dim() == 3 else 0
+    Lq, Lg = (t[0].shape[1] if t[0].dim() == 3 else 0 for t in (q, g))
+    bound = (D * m["q", "tokens"] * m["g", "tokens"] * m["q", "mask"] * m["g", "mask"]
+             * (Lq * m["q", "weight"] + Lg * m["g", "weight"]) / 2)
+    if not bound <= TOPK_SIM_LIMIT:
+        _fail(f"q and g may give WTI similarities beyond the float32 range (bound {bound:g} > "
+              f"{TOPK_SIM_LIMIT:g}); scale the tokens or weights down")
+
+
 def _topk_centrality_wti(q: Any, g: Any, k: int, *, exclude_self: bool, counts: torch.Tensor | None,
                          sums: torch.Tensor | None, q_offset: int, q_role: str,
                          backend: _backend.Backend | None):
@@ -183,6 +203,7 @@ def _topk_centrality_wti(q: Any, g: Any, k: int, *, exclude_self: bool, counts: 
     if sums is None:
         sums = torch.zeros(G, dtype=torch.float64, device=device)
     check_topk_common(Q, G, k, exclude_self, q_offset, counts, sums, device)
+    _check_wti_range(q, g)
     q_offset = int(q_offset) if exclude_self else 0
 
     def tile_fn(q0: int, q1: int, g0: int, g1: int) -> torch.Tensor:
