@@ -290,4 +290,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nbretr.runtime import run_cli
+    sys.exit(run_cli(main, "python -m nbretr.eval"))

@@ -146,3 +146,21 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def human_time(seconds: float) -> str:
     m, s = divmod(int(math.ceil(seconds)), 60)
     return f"{m}m{s:02d}s"
+
+
+# Errors a command reports as a message (a missing file, a bad option or annotation), not
+# as a traceback; NBRETR_TRACEBACK=1 re-raises them.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
+def run_cli(main, prog: str, argv: list[str] | None = None) -> int:
+    """Run a command's ``main(argv)``; a user error ends it with ``prog: error: message`` on
+    stderr and exit status 2 (argparse's), without the traceback."""
+    import sys
+    try:
+        return main(argv)
+    except USER_ERRORS as exc:
+        if os.environ.get("NBRETR_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {exc}\n(NBRETR_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2

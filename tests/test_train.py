@@ -51,6 +51,31 @@ def test_config_precedence_and_errors(tmp_path):
     assert C.resolve_config(parser.parse_args(["--baseline"])).baseline is True
 
 
+def test_commands_report_user_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """A missing dataset folder or checkpoint ends `python -m nbretr.train` / `.eval` with
+    `prog: error: message` and status 2; NBRETR_TRACEBACK=1 raises it instead."""
+    import subprocess
+    import sys
+
+    from nbretr import eval as E
+    from nbretr import train as T
+    from nbretr.runtime import run_cli
+    missing = tmp_path / "nowhere"
+    assert run_cli(T.main, "python -m nbretr.train", ["--dataset", "msrvtt", "--data-root", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m nbretr.train: error: msrvtt: dataset folder {missing} does not exist" in err
+    assert "Traceback" not in err
+    assert run_cli(E.main, "python -m nbretr.eval", ["--checkpoint", str(missing / "last.pt")]) == 2
+    assert f"python -m nbretr.eval: error: checkpoint not found: {missing / 'last.pt'}" in capsys.readouterr().err
+    monkeypatch.setenv("NBRETR_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        run_cli(E.main, "python -m nbretr.eval", ["--checkpoint", str(missing / "last.pt")])
+    monkeypatch.delenv("NBRETR_TRACEBACK")
+    r = subprocess.run([sys.executable, "-m", "nbretr.eval", "--checkpoint", str(missing)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(Path(E.__file__).parents[1])})
+    assert r.returncode == 2 and "python -m nbretr.eval: error: checkpoint not found" in r.stderr, r.stderr
+
+
 def test_every_model_option_reaches_the_model():
     """TrainConfig extends the model's NeighborRetrConfig, so each method and architecture
     option is a command-line flag with the model's default, typed by its annotation, and
