@@ -72,8 +72,11 @@ NBRETR_HD acc_t wti_pair_score(const WtiPair<acc_t>& p) {
 }
 
 // dL/draw[l, f] carried by row l's max when f is its arg-max (wti_row_coef) and by column
-// f's max when l is its arg-max (wti_col_coef), for half_g = dL/ds_ij / 2. Every backward
-// takes its coefficients from here, so that all of them round alike.
+// f's max when l is its arg-max (wti_col_coef), for half_g = dL/ds_ij / 2; where both
+// land on one entry they add up (row's + column's). Then dL/dt_il += c * v_jf and
+// dL/dv_jf += c * t_il, and the weights get d a_t[l] = half_g * (row l's max), d a_v[f] =
+// half_g * (column f's max). Every backward takes its coefficients from here, so that all
+// of them round alike.
 template <typename acc_t>
 NBRETR_HD acc_t wti_row_coef(const WtiPair<acc_t>& p, acc_t half_g, int64_t l, int64_t f) {
   return half_g * p.at[l] * p.mt[l] * p.mv[f];
@@ -81,31 +84,6 @@ NBRETR_HD acc_t wti_row_coef(const WtiPair<acc_t>& p, acc_t half_g, int64_t l, i
 template <typename acc_t>
 NBRETR_HD acc_t wti_col_coef(const WtiPair<acc_t>& p, acc_t half_g, int64_t l, int64_t f) {
   return half_g * p.av[f] * p.mt[l] * p.mv[f];
-}
-
-// Backward of one pair for an upstream gradient g = dL/ds_ij. Calls
-//   on_weight_t(l, d a_t[l]),  on_weight_v(f, d a_v[f]),
-//   on_entry(l, f, c)  with c = dL/draw[l, f] for each arg-max entry (may repeat an entry:
-//                      the row and the column max of one (l, f) add up),
-// so dL/dt_il += c * v_jf and dL/dv_jf += c * t_il. Entries with c == 0 are skipped.
-template <typename acc_t, typename WT, typename WV, typename E>
-NBRETR_HD void wti_pair_backward(const WtiPair<acc_t>& p, acc_t g, WT&& on_weight_t, WV&& on_weight_v,
-                                 E&& on_entry) {
-  const acc_t half_g = acc_t(0.5) * g;
-  acc_t m;
-  int64_t a;
-  for (int64_t l = 0; l < p.L; ++l) {
-    wti_row_max(p, l, m, a);
-    on_weight_t(l, half_g * m);
-    const acc_t c = wti_row_coef(p, half_g, l, a);
-    if (c != acc_t(0)) on_entry(l, a, c);
-  }
-  for (int64_t f = 0; f < p.F; ++f) {
-    wti_col_max(p, f, m, a);
-    on_weight_v(f, half_g * m);
-    const acc_t c = wti_col_coef(p, half_g, a, f);
-    if (c != acc_t(0)) on_entry(a, f, c);
-  }
 }
 
 }  // namespace nbretr

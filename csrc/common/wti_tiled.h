@@ -1,19 +1,27 @@
 // The tiled driver of wti_similarity on the GPU: every tile of raw dot products
 // S = t_block @ v_block^T ([nt*L, nv*F], accumulation dtype) is one library matrix
-// product (cuBLAS through at::mm_out), and one thread per (text, video) pair of the tile
-// runs the max-and-weigh step of csrc/common/wti.h on its [L, F] block of S.
+// product (cuBLAS through at::mm_out); the max-and-weigh step of csrc/common/wti.h then
+// runs with one thread per line of a pair's [L, F] block (a row l over its F frames, or a
+// column f over its L tokens), so that a tile of a few thousand pairs still fills the GPU:
 //
-//   forward:  out[i, j] = wti_pair_score(pair)
-//   backward: per tile, recompute S; each pair writes its weight gradients (rw, cw) and
-//             adds its arg-max coefficients into dS (its own [L, F] block: no races, the
-//             row and column max of one entry add up in one thread); then
-//             dt_block += dS @ v_block and dv_block += dS^T @ t_block (two more products),
-//             d t_weight += rw summed over the tile's videos, d v_weight likewise.
+//   forward:  every line writes its max into M [pairs, L + F] (rows, then columns);
+//             then one thread per pair weighs them: out[i, j] = wti_pair_score's sum;
+//   backward: per tile, recompute S; every row writes its weight gradient (rw) and its
+//             arg-max coefficient into dS (zeroed; a row's own entry), then every column
+//             its weight gradient (cw) and adds its coefficient into dS (after the rows:
+//             where a row's and a column's arg-max meet, row's + column's, as every
+//             backend adds them); dt_block += dS @ v_block and dv_block += dS^T @ t_block
+//             (two more products), d t_weight += rw summed over the tile's videos, d
+//             v_weight likewise.
+//
+// Lines are numbered so that neighbouring threads read neighbouring memory: row work q is
+// (tile row r = q / nv, video jj = q % nv), column work q is (text ii = q / (nv F), tile
+// column q % (nv F)). Every line writes its own outputs (no races, no atomics), and the
+// values are those of the per-pair scans (wti_row_max, wti_col_max), bit for bit.
 //
 // Memory: one S tile (and one dS tile in the backward) of at most tile_rows x tile_cols
-// entries, never [Bt, Bv, L, F]. The per-pair step is the CPU kernel's; the launcher
-// (a CUDA kernel, or a host loop for the CPU test hook `_wti_tiled`) only maps pair p of a
-// tile to (text i0 + p / nv, video j0 + p % nv).
+// entries, never [Bt, Bv, L, F]. The launcher (CUDA kernels, or host loops for the CPU
+// test hook `_wti_tiled`) only runs the numbered work items below in the stated order.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -34,9 +42,15 @@ struct WtiTileArgs {
   const acc_t *mt, *mv, *wt, *wv;  // masks and weights of all texts [Bt, L] / videos [Bv, F]
   const acc_t* g;                  // backward: upstream gradient [Bt, Bv]
   acc_t* out;                      // forward: similarities [Bt, Bv]
+  acc_t* M;                        // forward: every pair's maxes [nt * nv, L + F]
   acc_t *dS, *rw, *cw;             // backward: dS like S (zeroed), rw [nt, nv, L], cw [nt, nv, F]
+
+  NBRETR_HD int64_t row_items() const { return nt * L * nv; }
+  NBRETR_HD int64_t col_items() const { return nt * nv * F; }
+  NBRETR_HD int64_t pairs() const { return nt * nv; }
 };
 
+// pair p = ii * nv + jj of the tile (text i0 + ii, video j0 + jj)
 template <typename acc_t>
 NBRETR_HD WtiPair<acc_t> wti_tile_pair(const WtiTileArgs<acc_t>& a, int64_t p) {
   const int64_t ii = p / a.nv, jj = p % a.nv, i = a.i0 + ii, j = a.j0 + jj;
@@ -44,30 +58,73 @@ NBRETR_HD WtiPair<acc_t> wti_tile_pair(const WtiTileArgs<acc_t>& a, int64_t p) {
           a.wv + j * a.F, a.L, a.F};
 }
 
+// row work q: its pair and row
+template <typename acc_t>
+NBRETR_HD void wti_tile_row_item(const WtiTileArgs<acc_t>& a, int64_t q, int64_t& p, int64_t& l) {
+  const int64_t r = q / a.nv, jj = q % a.nv;
+  p = (r / a.L) * a.nv + jj;
+  l = r % a.L;
+}
+// column work q: its pair and column
+template <typename acc_t>
+NBRETR_HD void wti_tile_col_item(const WtiTileArgs<acc_t>& a, int64_t q, int64_t& p, int64_t& f) {
+  const int64_t cols = a.nv * a.F, ii = q / cols, c = q % cols;
+  p = ii * a.nv + c / a.F;
+  f = c % a.F;
+}
+
+// forward, any order: row work q (q < row_items()), column work q (q < col_items())
+template <typename acc_t>
+NBRETR_HD void wti_tile_row_max(const WtiTileArgs<acc_t>& a, int64_t q) {
+  int64_t p, l, arg;
+  wti_tile_row_item(a, q, p, l);
+  wti_row_max(wti_tile_pair(a, p), l, a.M[p * (a.L + a.F) + l], arg);
+}
+template <typename acc_t>
+NBRETR_HD void wti_tile_col_max(const WtiTileArgs<acc_t>& a, int64_t q) {
+  int64_t p, f, arg;
+  wti_tile_col_item(a, q, p, f);
+  wti_col_max(wti_tile_pair(a, p), f, a.M[p * (a.L + a.F) + a.L + f], arg);
+}
+// forward, after the maxes: pair p's similarity, summed in wti_pair_score's order
 template <typename acc_t>
 NBRETR_HD void wti_tile_score(const WtiTileArgs<acc_t>& a, int64_t p) {
   const int64_t i = a.i0 + p / a.nv, j = a.j0 + p % a.nv;
-  a.out[i * a.Bv + j] = wti_pair_score(wti_tile_pair(a, p));
+  const acc_t* m = a.M + p * (a.L + a.F);
+  const acc_t *at = a.wt + i * a.L, *av = a.wv + j * a.F;
+  acc_t t2v = 0, v2t = 0;
+  for (int64_t l = 0; l < a.L; ++l) t2v += at[l] * m[l];
+  for (int64_t f = 0; f < a.F; ++f) v2t += av[f] * m[a.L + f];
+  a.out[i * a.Bv + j] = acc_t(0.5) * (t2v + v2t);
 }
 
-// Callbacks of wti_pair_backward for pair p of a tile (functors, usable in device code).
+// backward: every row work item, then every column work item (which adds onto the rows'
+// entries of dS)
 template <typename acc_t>
-struct WtiStore {
-  acc_t* dst;
-  NBRETR_HD void operator()(int64_t k, acc_t x) const { dst[k] = x; }
-};
+NBRETR_HD void wti_tile_row_grad(const WtiTileArgs<acc_t>& a, int64_t q) {
+  int64_t p, l, arg;
+  wti_tile_row_item(a, q, p, l);
+  const int64_t ii = p / a.nv, jj = p % a.nv;
+  const WtiPair<acc_t> pair = wti_tile_pair(a, p);
+  const acc_t half_g = acc_t(0.5) * a.g[(a.i0 + ii) * a.Bv + a.j0 + jj];
+  acc_t m;
+  wti_row_max(pair, l, m, arg);
+  a.rw[p * a.L + l] = half_g * m;
+  const acc_t c = wti_row_coef(pair, half_g, l, arg);
+  if (c != acc_t(0)) a.dS[(ii * a.L + l) * a.ld + jj * a.F + arg] += c;
+}
 template <typename acc_t>
-struct WtiAddEntry {
-  acc_t* dS;  // the pair's [L, F] block of dS
-  int64_t ld;
-  NBRETR_HD void operator()(int64_t l, int64_t f, acc_t c) const { dS[l * ld + f] += c; }
-};
-
-template <typename acc_t>
-NBRETR_HD void wti_tile_backward(const WtiTileArgs<acc_t>& a, int64_t p) {
-  const int64_t ii = p / a.nv, jj = p % a.nv, i = a.i0 + ii, j = a.j0 + jj;
-  wti_pair_backward(wti_tile_pair(a, p), a.g[i * a.Bv + j], WtiStore<acc_t>{a.rw + p * a.L},
-                    WtiStore<acc_t>{a.cw + p * a.F}, WtiAddEntry<acc_t>{a.dS + ii * a.L * a.ld + jj * a.F, a.ld});
+NBRETR_HD void wti_tile_col_grad(const WtiTileArgs<acc_t>& a, int64_t q) {
+  int64_t p, f, arg;
+  wti_tile_col_item(a, q, p, f);
+  const int64_t ii = p / a.nv, jj = p % a.nv;
+  const WtiPair<acc_t> pair = wti_tile_pair(a, p);
+  const acc_t half_g = acc_t(0.5) * a.g[(a.i0 + ii) * a.Bv + a.j0 + jj];
+  acc_t m;
+  wti_col_max(pair, f, m, arg);
+  a.cw[p * a.F + f] = half_g * m;
+  const acc_t c = wti_col_coef(pair, half_g, arg, f);
+  if (c != acc_t(0)) a.dS[(ii * a.L + arg) * a.ld + jj * a.F + f] += c;
 }
 
 // ---- host driver ---------------------------------------------------------------------
@@ -133,9 +190,13 @@ void wti_for_each_tile(const WtiDims& d, const WtiTiling& tl, Fn&& fn) {
   }
 }
 
-// Launch: struct with template <typename acc_t> void score(const WtiTileArgs<acc_t>&, int64_t pairs)
-// and backward(const WtiTileArgs<acc_t>&, int64_t pairs). half_mm: the GEMM may take fp16/bf16
-// inputs with an fp32 output (else t and v are upcast first).
+// Launch: a struct with, each templated on acc_t and taking const WtiTileArgs<acc_t>& a,
+//   maxes(a):     wti_tile_row_max for q < a.row_items(), wti_tile_col_max for q < a.col_items()
+//   scores(a):    wti_tile_score for p < a.pairs(), after maxes
+//   row_grads(a): wti_tile_row_grad for q < a.row_items()
+//   col_grads(a): wti_tile_col_grad for q < a.col_items(), after row_grads
+// half_mm: the GEMM may take fp16/bf16 inputs with an fp32 output (else t and v are upcast
+// first).
 template <typename Launch>
 at::Tensor wti_tiled_forward(const at::Tensor& t, const at::Tensor& t_mask, const at::Tensor& t_weight,
                              const at::Tensor& v, const at::Tensor& v_mask, const at::Tensor& v_weight,
@@ -144,6 +205,7 @@ at::Tensor wti_tiled_forward(const at::Tensor& t, const at::Tensor& t_mask, cons
   if (d.Bt == 0 || d.Bv == 0) return out;
   const WtiTiledInputs in = wti_tiled_inputs(t, t_mask, t_weight, v, v_mask, v_weight, d, tile_rows, tile_cols, half_mm);
   auto buf = at::empty({in.tl.TB * d.L * in.tl.VB * d.F}, t.options().dtype(in.acc));
+  auto mbuf = at::empty({in.tl.TB * in.tl.VB * (d.L + d.F)}, t.options().dtype(in.acc));
   AT_DISPATCH_FLOATING_TYPES(in.acc, "wti_tiled_forward", [&] {
     wti_for_each_tile(d, in.tl, [&](int64_t i0, int64_t nt, int64_t j0, int64_t nv) {
       at::Tensor S = buf.narrow(0, 0, nt * d.L * nv * d.F).view({nt * d.L, nv * d.F});
@@ -151,8 +213,10 @@ at::Tensor wti_tiled_forward(const at::Tensor& t, const at::Tensor& t_mask, cons
       WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), nv * d.F, i0, nt, j0, nv, d.L, d.F, d.Bv,
                               in.mt.const_data_ptr<scalar_t>(), in.mv.const_data_ptr<scalar_t>(),
                               in.wt.const_data_ptr<scalar_t>(), in.wv.const_data_ptr<scalar_t>(), nullptr,
-                              out.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr};
-      launch.template score<scalar_t>(a, nt * nv);
+                              out.mutable_data_ptr<scalar_t>(), mbuf.mutable_data_ptr<scalar_t>(), nullptr,
+                              nullptr, nullptr};
+      launch.template maxes<scalar_t>(a);
+      launch.template scores<scalar_t>(a);
     });
   });
   return out;
@@ -189,9 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_tiled_backward(
       WtiTileArgs<scalar_t> a{S.const_data_ptr<scalar_t>(), cols, i0, nt, j0, nv, d.L, d.F, d.Bv,
                               in.mt.const_data_ptr<scalar_t>(), in.mv.const_data_ptr<scalar_t>(),
                               in.wt.const_data_ptr<scalar_t>(), in.wv.const_data_ptr<scalar_t>(),
-                              g.const_data_ptr<scalar_t>(), nullptr, dS.mutable_data_ptr<scalar_t>(),
+                              g.const_data_ptr<scalar_t>(), nullptr, nullptr, dS.mutable_data_ptr<scalar_t>(),
                               rw.mutable_data_ptr<scalar_t>(), cw.mutable_data_ptr<scalar_t>()};
-      launch.template backward<scalar_t>(a, nt * nv);
+      launch.template row_grads<scalar_t>(a);
+      launch.template col_grads<scalar_t>(a);  // after the rows: adds onto their dS entries
       gt.narrow(0, i0 * d.L, rows).addmm_(dS, v2a.narrow(0, j0 * d.F, cols));
       gv.narrow(0, j0 * d.F, cols).addmm_(dS.t(), t2a.narrow(0, i0 * d.L, rows));
       gwt.narrow(0, i0, nt).add_(rw.sum(1));

@@ -713,7 +713,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
     return RowSums<acc_t>(static_cast<char*>(sums_mem[r].data_ptr()), rows, cap);
   };
   // Every nonzero (text token l, frame f, coefficient c) of pair (i, j)'s gradient,
-  // from its arg-maxes, coefficients as in wti_pair_backward (csrc/common/wti.h):
+  // from its arg-maxes, coefficients wti_row_coef / wti_col_coef (csrc/common/wti.h):
   // dL/dt_il += c v_jf and dL/dv_jf += c t_il; the dL/dt and the dL/dv sums walk the
   // same entries. Where column f's arg-max l is also row l's arg-max (about a fifth of
   // the entries on random data), the two coefficients are added first (row's + column's,
@@ -886,17 +886,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   return {gt, gwt.to(t_weight.scalar_type()), gv, gwv.to(v_weight.scalar_type())};
 }
 
-// ---- test hook: the GPU's tiled driver (csrc/common/wti_tiled.h) with a host loop in
-// place of its per-pair kernel, so that the CPU tests check its tiling and gradient algebra.
+// ---- test hook: the GPU's tiled driver (csrc/common/wti_tiled.h) with host loops in
+// place of its per-line kernels, so that the CPU tests check its tiling, work numbering
+// and gradient algebra.
 
 struct HostLaunch {
   template <typename acc_t>
-  void score(const WtiTileArgs<acc_t>& a, int64_t pairs) {
-    for (int64_t p = 0; p < pairs; ++p) wti_tile_score(a, p);
+  void maxes(const WtiTileArgs<acc_t>& a) {
+    for (int64_t q = 0; q < a.row_items(); ++q) wti_tile_row_max(a, q);
+    for (int64_t q = 0; q < a.col_items(); ++q) wti_tile_col_max(a, q);
   }
   template <typename acc_t>
-  void backward(const WtiTileArgs<acc_t>& a, int64_t pairs) {
-    for (int64_t p = 0; p < pairs; ++p) wti_tile_backward(a, p);
+  void scores(const WtiTileArgs<acc_t>& a) {
+    for (int64_t p = 0; p < a.pairs(); ++p) wti_tile_score(a, p);
+  }
+  template <typename acc_t>
+  void row_grads(const WtiTileArgs<acc_t>& a) {
+    for (int64_t q = 0; q < a.row_items(); ++q) wti_tile_row_grad(a, q);
+  }
+  template <typename acc_t>
+  void col_grads(const WtiTileArgs<acc_t>& a) {
+    for (int64_t q = 0; q < a.col_items(); ++q) wti_tile_col_grad(a, q);
   }
 };
 

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) wti_tile_kernel(
 //   dx[a, r] = sum_b 1/2 g(a, b) [ wx[a,r] mx[a,r] my[b,c*] y[b,c*]            c* = arg_xy[a,b,r]
 //                                 + sum_{c: arg_yx[a,b,c] == r} wy[b,c] mx[a,r] my[b,c] y[b,c] ]
 // with pair index a * sa + b * sb (texts x videos: sa = Bv, sb = 1; videos x texts: sa = 1,
-// sb = Bv). The coefficients are those of wti_pair_backward (csrc/common/wti.h).
+// sb = Bv). The coefficients are wti_row_coef / wti_col_coef (csrc/common/wti.h).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) wti_gather_kernel(
     const acc_t* __restrict__ g, const scalar_t* __restrict__ y, const acc_t* __restrict__ mx,
@@ -281,31 +281,61 @@ void launch_tiles(const Prepared& p, const TileShape& s, at::Tensor out, at::Ten
 // ---- "tiled" -------------------------------------------------------------------------
 
 constexpr int64_t kTiledRows = 2048, kTiledCols = 2048;  // S and dS tiles of 16 MiB (fp32)
-constexpr int kPairThreads = 64;  // small blocks: a tile may hold only a few hundred pairs
+constexpr int kLineThreads = 256;  // one thread per line (row or column) of a pair's block
 
+// Row work items [0, rows) then column work items [rows, rows + cols) in one grid (the
+// forward's maxes: any order); one thread each (csrc/common/wti_tiled.h numbers them).
 template <typename acc_t>
-__global__ void wti_tiled_score_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p < pairs) wti_tile_score(a, p);
+__global__ void wti_tiled_maxes_kernel(WtiTileArgs<acc_t> a) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = a.row_items();
+  if (q < rows)
+    wti_tile_row_max(a, q);
+  else if (q < rows + a.col_items())
+    wti_tile_col_max(a, q - rows);
 }
 
 template <typename acc_t>
-__global__ void wti_tiled_backward_kernel(WtiTileArgs<acc_t> a, int64_t pairs) {
+__global__ void wti_tiled_score_kernel(WtiTileArgs<acc_t> a) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p < pairs) wti_tile_backward(a, p);
+  if (p < a.pairs()) wti_tile_score(a, p);
 }
 
-struct CudaPairLaunch {
+template <typename acc_t>
+__global__ void wti_tiled_row_grad_kernel(WtiTileArgs<acc_t> a) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q < a.row_items()) wti_tile_row_grad(a, q);
+}
+
+template <typename acc_t>
+__global__ void wti_tiled_col_grad_kernel(WtiTileArgs<acc_t> a) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q < a.col_items()) wti_tile_col_grad(a, q);
+}
+
+// The launches of csrc/common/wti_tiled.h's driver, in its order, on one stream (the
+// column gradients run after the row gradients, whose dS entries they add to).
+struct CudaLineLaunch {
   cudaStream_t stream;
-  static unsigned blocks(int64_t pairs) { return static_cast<unsigned>((pairs + kPairThreads - 1) / kPairThreads); }
+  static unsigned blocks(int64_t items) { return static_cast<unsigned>((items + kLineThreads - 1) / kLineThreads); }
   template <typename acc_t>
-  void score(const WtiTileArgs<acc_t>& a, int64_t pairs) {
-    wti_tiled_score_kernel<acc_t><<<blocks(pairs), kPairThreads, 0, stream>>>(a, pairs);
+  void maxes(const WtiTileArgs<acc_t>& a) {
+    wti_tiled_maxes_kernel<acc_t><<<blocks(a.row_items() + a.col_items()), kLineThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename acc_t>
-  void backward(const WtiTileArgs<acc_t>& a, int64_t pairs) {
-    wti_tiled_backward_kernel<acc_t><<<blocks(pairs), kPairThreads, 0, stream>>>(a, pairs);
+  void scores(const WtiTileArgs<acc_t>& a) {
+    wti_tiled_score_kernel<acc_t><<<blocks(a.pairs()), kLineThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename acc_t>
+  void row_grads(const WtiTileArgs<acc_t>& a) {
+    wti_tiled_row_grad_kernel<acc_t><<<blocks(a.row_items()), kLineThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename acc_t>
+  void col_grads(const WtiTileArgs<acc_t>& a) {
+    wti_tiled_col_grad_kernel<acc_t><<<blocks(a.col_items()), kLineThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -327,7 +357,7 @@ at::Tensor wti_similarity_cuda(const at::Tensor& t, const at::Tensor& t_mask, co
   const auto acc = wti_acc_type(t.scalar_type());
   if (!use_fused()) {
     at::NoGradGuard no_grad;
-    CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
+    CudaLineLaunch launch{c10::cuda::getCurrentCUDAStream()};
     return wti_tiled_forward(t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols,
                              half_mm_out_float(t.scalar_type()), launch);
   }
@@ -351,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wti_similarity_backwa
   c10::cuda::CUDAGuard guard(t.device());
   at::NoGradGuard no_grad;
   if (!use_fused()) {
-    CudaPairLaunch launch{c10::cuda::getCurrentCUDAStream()};
+    CudaLineLaunch launch{c10::cuda::getCurrentCUDAStream()};
     return wti_tiled_backward(grad, t, t_mask, t_weight, v, v_mask, v_weight, d, kTiledRows, kTiledCols,
                               half_mm_out_float(t.scalar_type()),
                               launch);
