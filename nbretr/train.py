@@ -288,6 +288,69 @@ class Trainer:
         log_bad_summary(self.train_ds, epoch=self.epoch, reset=True)
 
 
+def training_curves(jsonl_path: str | Path) -> tuple[list[int], dict[str, list[float]], list[int]]:
+    """A run's metrics.jsonl as ``(steps, {name: values}, epoch_starts)``: every logged
+    number but step, epoch and time (loss parts, learning rate). A step logged twice (a
+    resumed run repeats the steps after its checkpoint) keeps its last record."""
+    records: dict[int, dict] = {}
+    for line in Path(jsonl_path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            records[int(rec["step"])] = rec
+    steps = sorted(records)
+    if not steps:
+        return [], {}, []
+    names = [k for k, v in records[steps[-1]].items()
+             if k not in ("step", "epoch", "time") and isinstance(v, (int, float))]
+    values = {n: [float(records[s].get(n, math.nan)) for s in steps] for n in names}
+    epoch_starts = [s for prev, s in zip(steps, steps[1:]) if records[s]["epoch"] != records[prev]["epoch"]]
+    return steps, values, epoch_starts
+
+
+def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: int = 20) -> list[str]:
+    """Plot :func:`training_curves` one panel per quantity: the raw values faint, a centred
+    moving average of ``smooth`` steps on top (the learning rate as it is), epoch starts
+    dotted. Returns the plotted names; no file when nothing was logged."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps, values, epoch_starts = training_curves(jsonl_path)
+    if not steps:
+        return []
+    names = list(values)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    x = np.array(steps)
+    for ax, name in zip(axes.flat, names):
+        y = np.array(values[name])
+        if name == "lr":  # a schedule, not a noisy measurement: drawn as it is
+            ax.plot(x, y, color="#1f3b5c", linewidth=1.6)
+        else:
+            ax.plot(x, y, color="#3b6ea5", alpha=0.35, linewidth=0.8)
+        w = min(smooth, len(y))
+        if w > 1 and name != "lr":
+            kernel = np.ones(w) / w
+            valid = np.convolve(np.ones_like(y), kernel, mode="same")
+            ax.plot(x, np.convolve(np.nan_to_num(y), kernel, mode="same") / valid, color="#1f3b5c", linewidth=1.6)
+        for e in epoch_starts:
+            ax.axvline(e, color="#999999", linestyle=":", linewidth=0.8)
+        if name == "lr" or (np.nanmin(y) > 0 and np.nanmax(y) / max(np.nanmin(y), 1e-30) > 100):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
@@ -321,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                  run_dir, trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size, dist_.world_size,
                  dist_.device)
         trainer.train()
+        if dist_.is_main:
+            curves = run_dir / "loss_curves.png"
+            if save_training_curves(run_dir / "metrics.jsonl", curves):
+                log.info("training curves: %s", curves)
         metrics_path = None
         if cfg.do_eval and trainer.test_ds is not None:
             from nbretr import eval as evaluation

@@ -136,7 +136,8 @@ def test_train_then_eval_with_corrections(data_env, tmp_path, capsys):
             assert key in m[d]
         assert m[d]["num_queries"] == m[d]["num_gallery"] == 8
         assert 1 <= m[d]["MnR"] <= 8
-    for f in ("config.yaml", "build_info.json", "tokenizer.json", "metrics.jsonl", "nk_histogram.png"):
+    for f in ("config.yaml", "build_info.json", "tokenizer.json", "metrics.jsonl", "nk_histogram.png",
+              "loss_curves.png"):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.out.tfevents.*"))
     info = json.loads((run / "build_info.json").read_text())
@@ -172,3 +173,26 @@ def test_torchrun_two_cpu_processes(data_env, tmp_path):
     assert m["t2v"]["num_queries"] == 8 and 1 <= m["t2v"]["MnR"] <= 8
     assert json.loads((run / "build_info.json").read_text())["world_size"] == 2
     assert len(_losses(run)) == 3
+
+
+def test_training_curves_keep_the_last_record_of_a_step(tmp_path):
+    """loss_curves.png: one panel per logged quantity; a step logged twice (a resumed run
+    repeats the steps after its checkpoint) is drawn once, from its last record."""
+    import matplotlib.image as mpimg
+
+    from nbretr.train import save_training_curves, training_curves
+    recs = [{"step": s, "epoch": (s - 1) // 4, "lr": 1e-3, "loss": 5.0 - 0.1 * s, "time": s} for s in range(1, 11)]
+    recs += [{"step": s, "epoch": (s - 1) // 4, "lr": 2e-3, "loss": 1.0, "time": s} for s in range(6, 11)]
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    steps, values, epoch_starts = training_curves(jsonl)
+    assert steps == list(range(1, 11)) and list(values) == ["lr", "loss"]
+    assert values["loss"][:5] == pytest.approx([4.9, 4.8, 4.7, 4.6, 4.5]) and values["loss"][5:] == [1.0] * 5
+    assert values["lr"] == [1e-3] * 5 + [2e-3] * 5
+    assert epoch_starts == [5, 9]
+    assert save_training_curves(jsonl, tmp_path / "c.png") == ["lr", "loss"]
+    img = mpimg.imread(tmp_path / "c.png")
+    assert img.shape[0] > 100 and img.shape[1] > 300
+    (tmp_path / "empty.jsonl").write_text("")
+    assert save_training_curves(tmp_path / "empty.jsonl", tmp_path / "none.png") == []
+    assert not (tmp_path / "none.png").exists()
