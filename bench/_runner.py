@@ -247,7 +247,7 @@ def dtype_list(text: str) -> list[str]:
 def int_list(text: str) -> list[int]:
     """argparse type for comma-separated positive integers (sizes, k)."""
     try:
-        vals = [int(n.replace("_", "")) for n in text.split(",") if n.strip()]
+        vals = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 1:

@@ -149,18 +149,31 @@ def human_time(seconds: float) -> str:
 
 
 # Errors a command reports as a message (a missing file, a bad option or annotation), not
-# as a traceback; NBRETR_TRACEBACK=1 re-raises them.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+# as a traceback: file-system errors, and ValueErrors that nbretr's own checks raise (a
+# ValueError from inside torch, numpy or another library is more likely a bug, and keeps
+# its traceback). NBRETR_TRACEBACK=1 re-raises them all.
+USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, USER_OS_ERRORS):
+        return True
+    if not isinstance(exc, ValueError) or exc.__traceback__ is None:
+        return False
+    import traceback
+    raised_in = Path(traceback.extract_tb(exc.__traceback__)[-1].filename).resolve()
+    return Path(__file__).resolve().parent in raised_in.parents
 
 
 def run_cli(main, prog: str, argv: list[str] | None = None) -> int:
-    """Run a command's ``main(argv)``; a user error ends it with ``prog: error: message`` on
-    stderr and exit status 2 (argparse's), without the traceback."""
+    """Run a command's ``main(argv)``; a user error (:func:`is_user_error`) ends it with
+    ``prog: error: message`` on stderr and exit status 2 (argparse's), without the
+    traceback."""
     import sys
     try:
         return main(argv)
-    except USER_ERRORS as exc:
-        if os.environ.get("NBRETR_TRACEBACK", "") not in ("", "0"):
+    except Exception as exc:  # noqa: BLE001
+        if not is_user_error(exc) or os.environ.get("NBRETR_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"{prog}: error: {exc}\n(NBRETR_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2

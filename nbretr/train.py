@@ -291,20 +291,38 @@ class Trainer:
 def training_curves(jsonl_path: str | Path) -> tuple[list[int], dict[str, list[float]], list[int]]:
     """A run's metrics.jsonl as ``(steps, {name: values}, epoch_starts)``: every logged
     number but step, epoch and time (loss parts, learning rate). A step logged twice (a
-    resumed run repeats the steps after its checkpoint) keeps its last record."""
+    resumed run repeats the steps after its checkpoint) keeps its last record; a line that
+    does not parse (a write cut short) is skipped. A quantity missing from a record is NaN
+    there."""
     records: dict[int, dict] = {}
     for line in Path(jsonl_path).read_text().splitlines():
-        if line.strip():
+        try:
             rec = json.loads(line)
             records[int(rec["step"])] = rec
+        except (ValueError, KeyError, TypeError):
+            continue
     steps = sorted(records)
     if not steps:
         return [], {}, []
-    names = [k for k, v in records[steps[-1]].items()
-             if k not in ("step", "epoch", "time") and isinstance(v, (int, float))]
+    names: dict[str, None] = {}  # every logged number, in order of first appearance
+    for s in steps:
+        names.update((k, None) for k, v in records[s].items()
+                     if k not in ("step", "epoch", "time") and isinstance(v, (int, float)))
     values = {n: [float(records[s].get(n, math.nan)) for s in steps] for n in names}
     epoch_starts = [s for prev, s in zip(steps, steps[1:]) if records[s]["epoch"] != records[prev]["epoch"]]
     return steps, values, epoch_starts
+
+
+def moving_mean(y, w: int):
+    """Centred moving mean over windows of ``w`` values, of the finite values in each
+    window (NaN where a window has none): missing steps neither pull it to 0 nor end it."""
+    import numpy as np
+    y = np.asarray(y, dtype=float)
+    kernel = np.ones(max(1, min(w, len(y))))
+    valid = np.convolve(np.isfinite(y).astype(float), kernel, mode="same")
+    total = np.convolve(np.where(np.isfinite(y), y, 0.0), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid > 0, total / valid, np.nan)
 
 
 def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: int = 20) -> list[str]:
@@ -332,9 +350,7 @@ def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: i
             ax.plot(x, y, color="#3b6ea5", alpha=0.35, linewidth=0.8)
         w = min(smooth, len(y))
         if w > 1 and name != "lr":
-            kernel = np.ones(w) / w
-            valid = np.convolve(np.ones_like(y), kernel, mode="same")
-            ax.plot(x, np.convolve(np.nan_to_num(y), kernel, mode="same") / valid, color="#1f3b5c", linewidth=1.6)
+            ax.plot(x, moving_mean(y, w), color="#1f3b5c", linewidth=1.6)
         for e in epoch_starts:
             ax.axvline(e, color="#999999", linestyle=":", linewidth=0.8)
         if name == "lr" or (np.nanmin(y) > 0 and np.nanmax(y) / max(np.nanmin(y), 1e-30) > 100):
@@ -386,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         if dist_.is_main:
             curves = run_dir / "loss_curves.png"
-            if save_training_curves(run_dir / "metrics.jsonl", curves):
-                log.info("training curves: %s", curves)
+            try:  # a plot must not cost the run its evaluation
+                if save_training_curves(run_dir / "metrics.jsonl", curves):
+                    log.info("training curves: %s", curves)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not plot the training curves (%s: %s)", type(exc).__name__, exc)
         metrics_path = None
         if cfg.do_eval and trainer.test_ds is not None:
             from nbretr import eval as evaluation

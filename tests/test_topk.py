@@ -502,8 +502,15 @@ def test_wti_sim_refuses_non_finite_and_out_of_range(backend):
     w[0, 0] = float("inf")
     with pytest.raises(RuntimeError, match=_re("g weight contains NaN or Inf values")):
         ops.topk_centrality(q, (g[0], g[1], w), 2, sim="wti", backend=backend)
-    with pytest.raises(RuntimeError, match=_re("may give WTI similarities beyond the float32 range")):
+    with pytest.raises(RuntimeError, match=_re("may give token products beyond the float32 range")):
         ops.topk_centrality((q[0] * 1e19, q[1], q[2]), (g[0] * 1e19, g[1], g[2]), 2, sim="wti", backend=backend)
+    # the raw products overflow before the masks and weights apply: small ones do not help
+    with pytest.raises(RuntimeError, match=_re("may give token products beyond the float32 range")):
+        ops.topk_centrality((q[0] * 1e20, q[1] * 1e-3, q[2] * 0), (g[0] * 1e20, g[1], g[2] * 0), 2, sim="wti",
+                            backend=backend)
+    with pytest.raises(RuntimeError, match=_re("may give WTI similarities beyond the float32 range")):
+        ops.topk_centrality((q[0] * 1e18, q[1], q[2] * 1e4), (g[0] * 1e18, g[1], g[2] * 1e4), 2, sim="wti",
+                            backend=backend)
     v, _, _, _ = ops.topk_centrality((q[0] * 1e17, q[1], q[2]), (g[0] * 1e17, g[1], g[2]), 2, sim="wti",
                                      backend=backend)  # within the bound: ranked as usual
     assert torch.isfinite(v).all()

@@ -71,6 +71,12 @@ def test_commands_report_user_errors_without_a_traceback(tmp_path, capsys, monke
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         run_cli(E.main, "python -m nbretr.eval", ["--checkpoint", str(missing / "last.pt")])
     monkeypatch.delenv("NBRETR_TRACEBACK")
+
+    def library_bug(argv):  # a ValueError raised inside another library keeps its traceback
+        import json as js
+        return js.loads("{not json")
+    with pytest.raises(ValueError):
+        run_cli(library_bug, "prog", [])
     r = subprocess.run([sys.executable, "-m", "nbretr.eval", "--checkpoint", str(missing)], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(Path(E.__file__).parents[1])})
     assert r.returncode == 2 and "python -m nbretr.eval: error: checkpoint not found" in r.stderr, r.stderr
@@ -193,6 +199,17 @@ def test_training_curves_keep_the_last_record_of_a_step(tmp_path):
     assert save_training_curves(jsonl, tmp_path / "c.png") == ["lr", "loss"]
     img = mpimg.imread(tmp_path / "c.png")
     assert img.shape[0] > 100 and img.shape[1] > 300
+    # a record cut short is skipped; a quantity logged from step 6 on is NaN before it, and
+    # its moving mean is the mean of the logged values only
+    from nbretr.train import moving_mean
+    with jsonl.open("a") as f:
+        f.write('{"step": 11, "epoch": 2, "lr": 0.002, "loss": 1.0, "kl": 5.0, "time": 11}\n{"step": 12, "ep')
+    steps, values, _ = training_curves(jsonl)
+    assert steps == list(range(1, 12)) and list(values) == ["lr", "loss", "kl"]
+    assert all(v != v for v in values["kl"][:10]) and values["kl"][10] == 5.0
+    assert moving_mean(values["kl"], 5)[-3:].tolist() == [5.0, 5.0, 5.0]
+    assert moving_mean([1.0, 2.0, float("nan"), 4.0], 3).tolist() == [1.5, 1.5, 3.0, 4.0]
+    assert save_training_curves(jsonl, tmp_path / "c2.png") == ["lr", "loss", "kl"]
     (tmp_path / "empty.jsonl").write_text("")
     assert save_training_curves(tmp_path / "empty.jsonl", tmp_path / "none.png") == []
     assert not (tmp_path / "none.png").exists()

@@ -387,10 +387,10 @@ def test_non_default_stream():
     require_ext("cuda")
     args = make(6, 7, 9, 5, 32, device="cuda")
     want = ops.wti_similarity(*args, backend="torch")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     gout = torch.randn(6, 7, device="cuda")
     want_grads = _grads(args, "ext", gout)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(s):
         got = ops.wti_similarity(*args, backend="ext")
         got_grads = _grads(args, "ext", gout)  # the backward too

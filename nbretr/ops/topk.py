@@ -166,9 +166,11 @@ WTI_TILE = 256  # queries x gallery items per WTI block (the torch path holds ti
 
 
 def _check_wti_range(q: tuple, g: tuple) -> None:
-    """sim="wti": finite tokens, masks and weights, and WTI similarities inside float32's
-    range: |s| <= D max|S| (L_q max|w_q| + L_g max|w_g|) / 2 with |S| <= max|x_q| max|x_g|
-    max|m_q| max|m_g| (as sim="dot"'s bound, with the same limit)."""
+    """sim="wti": finite tokens, masks and weights, and every stage of the WTI similarity
+    inside float32's range (as sim="dot"'s bound, with the same limit): the raw token
+    products |x_q . x_g| <= D max|x_q| max|x_g| (computed before any mask or weight
+    applies), the masked ones (times max|m_q| max|m_g|), and the similarity
+    |s| <= (masked bound) (L_q max|w_q| + L_g max|w_g|) / 2."""
     m = {}
     for side, trip in (("q", q), ("g", g)):
         for part, x in zip(("tokens", "mask", "weight"), trip):
@@ -178,11 +180,13 @@ def _check_wti_range(q: tuple, g: tuple) -> None:
                 m[side, part] = float(x.double().abs().max()) if x.numel() else 0.0
     D = q[0].shape[-1] if q[0].dim() == 3 else 0
     Lq, Lg = (t[0].shape[1] if t[0].dim() == 3 else 0 for t in (q, g))
-    bound = (D * m["q", "tokens"] * m["g", "tokens"] * m["q", "mask"] * m["g", "mask"]
-             * (Lq * m["q", "weight"] + Lg * m["g", "weight"]) / 2)
-    if not bound <= TOPK_SIM_LIMIT:
-        _fail(f"q and g may give WTI similarities beyond the float32 range (bound {bound:g} > "
-              f"{TOPK_SIM_LIMIT:g}); scale the tokens or weights down")
+    raw = D * m["q", "tokens"] * m["g", "tokens"]
+    masked = raw * m["q", "mask"] * m["g", "mask"]
+    sim = masked * (Lq * m["q", "weight"] + Lg * m["g", "weight"]) / 2
+    for what, bound in (("token products", raw), ("masked token products", masked), ("WTI similarities", sim)):
+        if not bound <= TOPK_SIM_LIMIT:
+            _fail(f"q and g may give {what} beyond the float32 range (bound {bound:g} > {TOPK_SIM_LIMIT:g}); "
+                  "scale the tokens, masks or weights down")
 
 
 def _topk_centrality_wti(q: Any, g: Any, k: int, *, exclude_self: bool, counts: torch.Tensor | None,
