@@ -288,6 +288,17 @@ class Trainer:
         log_bad_summary(self.train_ds, epoch=self.epoch, reset=True)
 
 
+def discard_unstarted_run(run_dir: Path) -> None:
+    """Remove a run folder that holds only what main() writes before the data and model are
+    built (a run that failed to start, e.g. on a missing dataset folder), so that failures
+    leave no empty runs behind; anything else in it is kept."""
+    before = {"config.yaml", "build_info.json"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= before:
+        for name in before:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
 def training_curves(jsonl_path: str | Path) -> tuple[list[int], dict[str, list[float]], list[int]]:
     """A run's metrics.jsonl as ``(steps, {name: values}, epoch_starts)``: every logged
     number but step, epoch and time (loss parts, learning rate). A step logged twice (a
@@ -393,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
             save_yaml(cfg, run_dir / "config.yaml")
             write_json(run_dir / "build_info.json", {**nbretr.build_info(), "git_commit": git_commit(),
                                                      "world_size": dist_.world_size, "device": str(dist_.device)})
-        trainer = Trainer(cfg, dist_, run_dir)
+        try:
+            trainer = Trainer(cfg, dist_, run_dir)
+        except Exception:
+            if dist_.is_main and resume_path is None:
+                discard_unstarted_run(run_dir)
+            raise
         if resume_path is not None:
             trainer.load(resume_path)
         log.info("run folder %s; %d steps (%d per epoch), global batch %d on %d process(es), device %s",

@@ -61,10 +61,18 @@ def test_commands_report_user_errors_without_a_traceback(tmp_path, capsys, monke
     from nbretr import train as T
     from nbretr.runtime import run_cli
     missing = tmp_path / "nowhere"
+    monkeypatch.chdir(tmp_path)  # the run folder would go to ./runs
     assert run_cli(T.main, "python -m nbretr.train", ["--dataset", "msrvtt", "--data-root", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"python -m nbretr.train: error: msrvtt: dataset folder {missing} does not exist" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run left
+    out = tmp_path / "given"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder with the user's files in it is kept
+    assert run_cli(T.main, "prog", ["--dataset", "msrvtt", "--data-root", str(missing),
+                                    "--output-dir", str(out)]) == 2
+    assert (out / "notes.txt").exists()
     assert run_cli(E.main, "python -m nbretr.eval", ["--checkpoint", str(missing / "last.pt")]) == 2
     assert f"python -m nbretr.eval: error: checkpoint not found: {missing / 'last.pt'}" in capsys.readouterr().err
     monkeypatch.setenv("NBRETR_TRACEBACK", "1")
