@@ -96,9 +96,8 @@ def hubness_report(q: torch.Tensor, g: torch.Tensor, k: int = 10, *, paired: boo
 def save_histogram(counts: torch.Tensor | dict[str, torch.Tensor], k: int, path: str | Path) -> Path:
     """Histogram of N_k (log count axis) as PNG, matplotlib's Agg backend. ``counts`` is one
     [G] tensor or a dict ``{label: counts}`` (one panel each, e.g. both retrieval directions)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from nbretr._plot import pyplot, save_figure
+    plt = pyplot()
 
     panels = counts if isinstance(counts, dict) else {"": counts}
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -113,12 +112,7 @@ def save_histogram(counts: torch.Tensor | dict[str, torch.Tensor], k: int, path:
         if label:
             ax.set_title(label)
         ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def format_report(rep: dict) -> str:

@@ -340,10 +340,10 @@ def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: i
     """Plot :func:`training_curves` one panel per quantity: the raw values faint, a centred
     moving average of ``smooth`` steps on top (the learning rate as it is), epoch starts
     dotted. Returns the plotted names; no file when nothing was logged."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from nbretr._plot import pyplot, save_figure
+    plt = pyplot()
 
     steps, values, epoch_starts = training_curves(jsonl_path)
     if not steps:
@@ -370,11 +370,7 @@ def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: i
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
     return names
 
 

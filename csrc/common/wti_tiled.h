@@ -99,32 +99,40 @@ NBRETR_HD void wti_tile_score(const WtiTileArgs<acc_t>& a, int64_t p) {
 }
 
 // backward: every row work item, then every column work item (which adds onto the rows'
-// entries of dS)
+// entries of dS). A work item's pair: its block of S, g / 2, its block of dS.
+template <typename acc_t>
+struct WtiTileGradPair {
+  WtiPair<acc_t> pair;
+  acc_t half_g;
+  acc_t* dS;  // the pair's [L, F] block of dS (row stride ld)
+};
+template <typename acc_t>
+NBRETR_HD WtiTileGradPair<acc_t> wti_tile_grad_pair(const WtiTileArgs<acc_t>& a, int64_t p) {
+  const int64_t ii = p / a.nv, jj = p % a.nv;
+  return {wti_tile_pair(a, p), acc_t(0.5) * a.g[(a.i0 + ii) * a.Bv + a.j0 + jj],
+          a.dS + ii * a.L * a.ld + jj * a.F};
+}
 template <typename acc_t>
 NBRETR_HD void wti_tile_row_grad(const WtiTileArgs<acc_t>& a, int64_t q) {
   int64_t p, l, arg;
   wti_tile_row_item(a, q, p, l);
-  const int64_t ii = p / a.nv, jj = p % a.nv;
-  const WtiPair<acc_t> pair = wti_tile_pair(a, p);
-  const acc_t half_g = acc_t(0.5) * a.g[(a.i0 + ii) * a.Bv + a.j0 + jj];
+  const WtiTileGradPair<acc_t> w = wti_tile_grad_pair(a, p);
   acc_t m;
-  wti_row_max(pair, l, m, arg);
-  a.rw[p * a.L + l] = half_g * m;
-  const acc_t c = wti_row_coef(pair, half_g, l, arg);
-  if (c != acc_t(0)) a.dS[(ii * a.L + l) * a.ld + jj * a.F + arg] += c;
+  wti_row_max(w.pair, l, m, arg);
+  a.rw[p * a.L + l] = w.half_g * m;
+  const acc_t c = wti_row_coef(w.pair, w.half_g, l, arg);
+  if (c != acc_t(0)) w.dS[l * a.ld + arg] += c;
 }
 template <typename acc_t>
 NBRETR_HD void wti_tile_col_grad(const WtiTileArgs<acc_t>& a, int64_t q) {
   int64_t p, f, arg;
   wti_tile_col_item(a, q, p, f);
-  const int64_t ii = p / a.nv, jj = p % a.nv;
-  const WtiPair<acc_t> pair = wti_tile_pair(a, p);
-  const acc_t half_g = acc_t(0.5) * a.g[(a.i0 + ii) * a.Bv + a.j0 + jj];
+  const WtiTileGradPair<acc_t> w = wti_tile_grad_pair(a, p);
   acc_t m;
-  wti_col_max(pair, f, m, arg);
-  a.cw[p * a.F + f] = half_g * m;
-  const acc_t c = wti_col_coef(pair, half_g, arg, f);
-  if (c != acc_t(0)) a.dS[(ii * a.L + arg) * a.ld + jj * a.F + f] += c;
+  wti_col_max(w.pair, f, m, arg);
+  a.cw[p * a.F + f] = w.half_g * m;
+  const acc_t c = wti_col_coef(w.pair, w.half_g, arg, f);
+  if (c != acc_t(0)) w.dS[arg * a.ld + f] += c;
 }
 
 // ---- host driver ---------------------------------------------------------------------
