@@ -84,6 +84,7 @@ def ext_unavailable_reason() -> str:
 
 def build_info() -> dict[str, Any]:
     """What nbretr runs on: extension loaded (or why not), CUDA kernels, archs, versions."""
+    from nbretr.ops._backend import CUDA_AUTO_DEFAULTS
     info = _state["info"]
     mod = _state["module"]
     archs = [a for a in (mod.cuda_archs.split(",") if mod else info.get("cuda_archs", [])) if a]
@@ -98,4 +99,5 @@ def build_info() -> dict[str, Any]:
         "torch_cuda_version": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "backend_default": os.environ.get("NBRETR_BACKEND", "auto"),
+        "cuda_auto": {op: d.backend for op, d in CUDA_AUTO_DEFAULTS.items()},
     }

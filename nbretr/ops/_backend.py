@@ -4,7 +4,10 @@ Chosen per call (``backend=`` on every function in :mod:`nbretr.ops`), per block
 (``with nbretr.ops.use_backend("torch"): ...``) and per process (``NBRETR_BACKEND``).
 ``"auto"`` (the default) takes the extension when it is built for the tensors' device,
 else the torch path (a missing extension is reported once, at import; a loaded one that
-lacks the device once per (op, device)).
+lacks the device once per (op, device)). On a CUDA device ``"auto"`` takes the extension
+only for the ops in :data:`CUDA_AUTO_DEFAULTS` whose CUDA kernels have passed the CUDA
+tests on a GPU and were measured faster than the torch path; the others run their torch
+path there unless ``backend="ext"`` asks for the kernel by name.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -24,6 +28,38 @@ _VALID = ("auto", "ext", "torch")
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
 log = logging.getLogger("nbretr")
+
+
+@dataclass(frozen=True)
+class CudaDefault:
+    """What ``backend="auto"`` runs for one op on a CUDA device, and the GPU evidence."""
+    backend: str          # "ext" or "torch"
+    evidence: str
+
+
+# The one place that decides which implementation ``backend="auto"`` runs on CUDA. A CUDA
+# kernel becomes the default only after it has passed the CUDA tests on a GPU and was
+# measured faster than the torch path at the training shapes (bench/RESULTS.md holds the
+# runs); docs/operators.md carries the same table.
+CUDA_AUTO_DEFAULTS: dict[str, CudaDefault] = {
+    "ring_push": CudaDefault(
+        "ext", "H200, 2026-11-27, kernel as at 8bd8756: CUDA tests pass; 1.6-2.2x the torch path "
+               "(bank 1,280-1,920, batch 128)"),
+    "sinkhorn_log": CudaDefault(
+        "ext", "H200, 2026-11-27, kernel as at 8bd8756: CUDA tests pass; 11.5-12.3x the torch loop "
+               "(2 x 128^2, 50 iterations)"),
+    "wti_similarity": CudaDefault(
+        "torch", "the tiled CUDA driver has never run on a GPU; the fused kernel it replaced measured "
+                 "0.04-0.22x the torch path (H200, 2026-11-27)"),
+    "topk_centrality": CudaDefault(
+        "torch", "the CUDA rounds scan and the linearity sums changed after the H200 run of "
+                 "2026-11-27 and have not run on a GPU since"),
+}
+
+
+def cuda_auto_defaults() -> dict[str, dict[str, str]]:
+    """:data:`CUDA_AUTO_DEFAULTS` as plain data (for build_info and run records)."""
+    return {op: {"backend": d.backend, "evidence": d.evidence} for op, d in CUDA_AUTO_DEFAULTS.items()}
 
 
 def _check(name: str, value: str) -> str:
@@ -70,6 +106,10 @@ def resolve(op: str, backend: Backend | None, device: torch.device) -> str:
     choice = _check("backend", backend) if backend is not None else default_backend()
     if choice == "torch":
         return "torch"
+    if choice == "auto" and device.type == "cuda":
+        default = CUDA_AUTO_DEFAULTS.get(op)
+        if default is None or default.backend == "torch":
+            return "torch"
     ok, why = ext_supports(device)
     if ok:
         return "ext"
