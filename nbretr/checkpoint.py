@@ -1,6 +1,10 @@
 """Checkpoints: written atomically (temporary file in the same folder, fsync, rename), read
 with ``weights_only=True``. Everything a resumed run needs to continue exactly: model,
 optimiser, scheduler, AMP scaler, memory bank, RNG states, step counters, config.
+
+A run keeps two: ``last.pt`` and the one before it, ``previous.pt`` (:func:`save_rotating`).
+:func:`load_with_fallback` reads ``last.pt`` and, when that file is unreadable (a disk that
+filled up, a copy cut short), falls back to ``previous.pt`` with a warning naming both.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ import torch
 log = logging.getLogger("nbretr")
 
 TMP_SUFFIX = ".partial"
+PREVIOUS_NAME = "previous.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -44,12 +53,53 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; names the file when it is missing."""
+def save_rotating(obj: Any, path: str | os.PathLike) -> Path:
+    """:func:`save_atomic` to ``path`` after moving the file already there (if any) to
+    ``previous.pt`` beside it: a crash at any moment leaves at least one complete file."""
+    path = Path(path)
+    if path.is_file():
+        os.replace(path, path.with_name(PREVIOUS_NAME))
+    return save_atomic(obj, path)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``. A missing file raises
+    ``FileNotFoundError`` naming it; a file that cannot be read, or that lacks one of the
+    ``required`` keys, raises :class:`CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001  (zip, pickle, EOF and storage errors all mean "unreadable")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not an nbretr checkpoint): "
+                              f"{type(err).__name__}: {first}") from err
+    if required:
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not an nbretr checkpoint")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {missing}: not an nbretr training checkpoint")
+    return obj
+
+
+def load_with_fallback(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                       required: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """:func:`load` ``path``; when it is unreadable and a ``previous.pt`` sits beside it,
+    warn naming both and load that one instead. Returns ``(state, the file read)``."""
+    path = Path(path)
+    try:
+        return load(path, map_location, required), path
+    except (CheckpointError, FileNotFoundError) as err:
+        prev = path.with_name(PREVIOUS_NAME)
+        if path.name == PREVIOUS_NAME or not prev.is_file():
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise CheckpointError(f"{err}; no earlier checkpoint ({PREVIOUS_NAME}) is kept beside it") from err
+        log.warning("%s; falling back to the previous checkpoint %s", err, prev)
+        return load(prev, map_location, required), prev
 
 
 def clean_partials(folder: str | os.PathLike) -> list[Path]:

@@ -8,6 +8,8 @@ the synthetic dataset, sized to finish on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any
 import yaml
 
 from nbretr.models.neighborretr import NeighborRetrConfig
+
+log = logging.getLogger("nbretr")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TrainConfig(NeighborRetrConfig):
     device: str = "auto"
     gather_reduce_grads: bool = True       # all-gather backward sums over ranks: DDP gradients equal
                                            # one process's (False: the reference's local slice, 1/W)
-    backend: str = "auto"                  # nbretr.ops backend for the whole run
+    backend: str = "auto"                  # nbretr.ops backend for the whole run (default: $NBRETR_BACKEND or auto)
 
     def model_config(self, **overrides: Any) -> NeighborRetrConfig:
         """The model's part of this configuration (``overrides`` replace fields)."""
@@ -125,8 +129,38 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """defaults < embedded-default preset (synthetic only) < YAML < command line."""
+# Options that may differ when a run is resumed: where and how it executes, not what it
+# computes. Any other option given again with --resume must equal the run's own value.
+RESUME_MUTABLE = frozenset({
+    "resume", "output_dir", "data_root", "num_workers", "device", "backend", "log_every",
+    "save_every", "max_steps", "do_eval", "eval_k", "batch_size_val",
+})
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def known_fields(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` without keys that are not options of this version, each dropped key named
+    in a warning (a checkpoint or config.yaml written by another version of nbretr)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        log.warning("%s: ignoring option(s) this version of nbretr does not have: %s", source, unknown)
+    return {k: v for k, v in values.items() if k in known}
+
+
+def resolve_config(args: argparse.Namespace, resumed: dict[str, Any] | None = None,
+                   resumed_from: str = "") -> TrainConfig:
+    """defaults < embedded-default preset (synthetic only) < YAML < command line.
+
+    With ``resumed`` (the resolved options saved in the checkpoint being resumed) the run's
+    own options are restored instead: options given again in the YAML or on the command
+    line must equal them, except those in :data:`RESUME_MUTABLE`, which replace them."""
     values: dict[str, Any] = {}
     known = {f.name for f in fields(TrainConfig)}
     yaml_values: dict[str, Any] = {}
@@ -134,7 +168,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config: no such file: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path}: not valid YAML ({err})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(loaded).__name__}")
         unknown = sorted(set(loaded) - known)
@@ -142,11 +179,26 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--config {path}: unknown option(s) {unknown}; known: {sorted(known)}")
         yaml_values = loaded
     cli_values = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    dataset = cli_values.get("dataset", yaml_values.get("dataset", TrainConfig.dataset))
-    if dataset == "synthetic":
-        values.update(EMBEDDED_DEFAULTS)
-    values.update(yaml_values)
-    values.update(cli_values)
+    given = {**yaml_values, **cli_values}
+    if resumed is not None:
+        values = known_fields(dict(resumed), f"--resume {resumed_from}")
+        conflicts = [f"--{k.replace('_', '-')} {v!r} (the run has {values.get(k)!r})"
+                     for k, v in given.items() if k not in RESUME_MUTABLE and not _same(values.get(k), v)]
+        if conflicts:
+            raise ValueError(
+                f"--resume {resumed_from}: a resumed run keeps its own options, but "
+                f"{'; '.join(conflicts)}. Options that may change on resume: "
+                f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_MUTABLE - {'resume'}))}")
+        values.update({k: v for k, v in given.items() if k in RESUME_MUTABLE})
+    else:
+        dataset = given.get("dataset", TrainConfig.dataset)
+        if dataset == "synthetic":
+            values.update(EMBEDDED_DEFAULTS)
+        values.update(given)
+    if "backend" not in given and os.environ.get("NBRETR_BACKEND"):
+        values["backend"] = os.environ["NBRETR_BACKEND"]
+        if values["backend"] not in ("auto", "ext", "torch"):
+            raise ValueError(f"NBRETR_BACKEND={values['backend']!r} is not a backend; use auto, ext or torch")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -162,10 +214,20 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.backend in ("auto", "ext", "torch"), f"--backend must be auto, ext or torch, got {cfg.backend!r}"),
         (cfg.clip == "tiny" or cfg.clip_path is not None,
          f"--clip {cfg.clip} needs --clip-path (a local HF CLIP folder or OpenAI .pt archive; nothing is downloaded)"),
+        (cfg.clip != "tiny" or cfg.clip_path is None,
+         f"--clip-path {cfg.clip_path} is given but --clip is tiny, the random tiny CLIP, which loads no "
+         "weights; pass --clip ViT-B/32 or ViT-B/16 with it"),
+        (cfg.clip != "tiny" or cfg.tokenizer_path is None,
+         f"--tokenizer-path {cfg.tokenizer_path} is given but --clip is tiny, which uses a word tokenizer"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    if cfg.backend == "ext":
+        from nbretr import _ext
+        if not _ext.ext_loaded():
+            raise ValueError(f"--backend ext: the C++/CUDA extension is not loaded "
+                             f"({_ext.ext_unavailable_reason()}); use --backend auto or torch")
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

@@ -86,10 +86,24 @@ def wti_score_fn(q, g, *, q_is_text: bool):
 
 # -- evaluation ------------------------------------------------------------------------------
 
+def hubness_note(counts: torch.Tensor, k: int, num_g: int) -> str | None:
+    """Why the hubness measures are undefined (NaN) for these k-occurrences, or None."""
+    if num_g <= k:
+        return (f"undefined: the gallery has {num_g} item(s), not more than k={k}, so every item is in every "
+                "top-k list; use a larger test split or a smaller --k")
+    c = torch.as_tensor(counts)
+    if c.numel() and bool((c == c.flatten()[0]).all()):
+        return f"skewness undefined: every gallery item has the same N_{k} ({int(c.flatten()[0])})"
+    return None
+
+
 def _direction_report(stats: R.StreamStats, k: int, num_g: int) -> dict[str, Any]:
     out = M.retrieval_metrics(stats.ranks)
     out.update(num_queries=int(stats.ranks.numel()), num_gallery=num_g)
     out["hubness"] = M.hubness(stats.counts, k, int(stats.ranks.numel()))
+    note = hubness_note(stats.counts, k, num_g)
+    if note:
+        out["hubness"]["note"] = note
     return out
 
 
@@ -237,12 +251,34 @@ def format_report(m: dict[str, Any]) -> str:
     for cname, cd in m.get("corrections", {}).items():
         for dname, d in cd.items():
             lines.append(hrow(f"{cname} {dname}", d))
+    for name, d in (("text->video", m["t2v"]), ("video->text", m["v2t"])):
+        if d["hubness"].get("note"):
+            lines.append(f"note, {name} hubness: {d['hubness']['note']}")
     return "\n".join(lines)
 
 
+def eval_output_dir(run_dir: Path, output_dir: str | None) -> Path:
+    """Where an evaluation writes: ``--output-dir`` (refused if an evaluation already wrote
+    there), else a new ``<run>/evals/<timestamp>`` (the run's own metrics.json and
+    nk_histogram.png, from the end of its training, are never overwritten)."""
+    from nbretr.runtime import new_run_dir
+    if output_dir:
+        out = Path(output_dir)
+        if (out / "metrics.json").exists():
+            raise ValueError(f"--output-dir {out} already holds an evaluation ({out / 'metrics.json'}); "
+                             "choose another folder")
+    else:
+        out = new_run_dir(None, prefix=str(run_dir / "evals"), create=False)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     from nbretr import checkpoint as ckpt
-    from nbretr.config import TrainConfig
+    from nbretr.config import TrainConfig, known_fields
+    from nbretr.runtime import FolderLock
     from nbretr.train import build_datasets, build_model, build_tokenizer
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (its checkpoints/last.pt)")
@@ -251,41 +287,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrections", default="", help=f"comma list of {', '.join(CORRECTIONS)}, or 'all'")
     p.add_argument("--bank-size", type=int, default=5000, help="query-bank size for the corrections")
     p.add_argument("--k", type=int, default=None, help="k of the hubness report (default: the run's eval_k)")
-    p.add_argument("--output-dir", default=None, help="where metrics.json and the PNG go (default: the run folder)")
+    p.add_argument("--output-dir", default=None,
+                   help="where metrics.json and the PNG go (default: a new <run>/evals/<timestamp>)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default=None, choices=("auto", "ext", "torch"),
+                   help="nbretr.ops backend (default: $NBRETR_BACKEND or auto)")
     args = p.parse_args(argv)
     corr = CORRECTIONS if args.corrections == "all" else tuple(c for c in args.corrections.split(",") if c)
     bad = [c for c in corr if c not in CORRECTIONS]
     if bad:
         p.error(f"--corrections: unknown {bad}; choose from {', '.join(CORRECTIONS)} or 'all'")
+    if args.k is not None and args.k < 1:
+        p.error(f"--k must be at least 1, got {args.k}")
+    if args.bank_size < 1:
+        p.error(f"--bank-size must be at least 1, got {args.bank_size}")
+    backend = args.backend or os.environ.get("NBRETR_BACKEND") or "auto"
+    if backend not in ("auto", "ext", "torch"):
+        p.error(f"NBRETR_BACKEND={backend!r} is not a backend; use auto, ext or torch")
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
-    state = ckpt.load(path)
-    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
+    state, path = ckpt.load_with_fallback(path, required=("model", "config"))
+    cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {path}"))
+    cfg.backend = backend
     if args.dataset:
         cfg.dataset = args.dataset
     if args.data_root:
         cfg.data_root = args.data_root
     run_dir = path.parent.parent
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     dist_ = setup_distributed(args.device)
     setup_logging(dist_.rank)
+    lock = None
     try:
-        splits = ("train", "test") if corr else ("test",)
-        tok = build_tokenizer(cfg, run_dir)
-        data = build_datasets(cfg, tok, splits)
-        model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
-        model.load_state_dict(state["model"])
-        metrics = evaluate(model, data["test"], cfg, dist_, k=args.k or cfg.eval_k, out_dir=out_dir,
-                           corrections=corr, bank_ds=data.get("train"), bank_size=args.bank_size)
-        if dist_.is_main:
-            print(format_report(metrics))
-            mpath = write_json(out_dir / "metrics.json", metrics)
-            print(f"metrics: {mpath.resolve()}")
-        return 0
+        with ops.use_backend(backend):
+            out_dir = eval_output_dir(run_dir, args.output_dir) if dist_.is_main else None
+            if dist_.enabled:
+                obj = [str(out_dir)]
+                dist.broadcast_object_list(obj, src=0)
+                out_dir = Path(obj[0])
+            if dist_.is_main:
+                lock = FolderLock(out_dir)
+            splits = ("train", "test") if corr else ("test",)
+            tok = build_tokenizer(cfg, run_dir)
+            data = build_datasets(cfg, tok, splits)
+            model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
+            model.load_state_dict(state["model"])
+            metrics = evaluate(model, data["test"], cfg, dist_, k=args.k if args.k is not None else cfg.eval_k,
+                               out_dir=out_dir, corrections=corr, bank_ds=data.get("train"),
+                               bank_size=args.bank_size)
+            metrics["checkpoint"] = str(path)
+            if dist_.is_main:
+                print(format_report(metrics))
+                mpath = write_json(out_dir / "metrics.json", metrics)
+                print(f"metrics: {mpath.resolve()}")
+            return 0
     finally:
+        if lock is not None:
+            lock.release(remove=True)
         cleanup_distributed()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import time
@@ -76,7 +75,9 @@ def git_commit() -> str | None:
         return None
 
 
-def new_run_dir(output_dir: str | None, prefix: str = "runs") -> Path:
+def new_run_dir(output_dir: str | None, prefix: str = "runs", create: bool = True) -> Path:
+    """``output_dir``, or a new ``prefix/<timestamp>`` that does not exist yet; made unless
+    ``create`` is False."""
     if output_dir:
         path = Path(output_dir)
     else:
@@ -85,8 +86,49 @@ def new_run_dir(output_dir: str | None, prefix: str = "runs") -> Path:
         while path.exists():
             path = Path(prefix) / f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
             i += 1
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "metrics.json", "checkpoints")
+LOCK_NAME = ".nbretr.lock"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/.nbretr.lock`` for as long as a command writes into
+    the folder: a second command pointed at the same folder fails at once, naming the
+    process that holds it, instead of interleaving its files with the first's."""
+
+    def __init__(self, folder: str | Path, what: str = "--output-dir"):
+        import fcntl
+        self.path = Path(folder) / LOCK_NAME
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "another process"
+            self._f.close()
+            raise ValueError(f"{what} {folder} is in use by {holder}; wait for it to finish or choose "
+                             "another folder") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()}")
+        self._f.flush()
+
+    def release(self, remove: bool = False) -> None:
+        if self._f.closed:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        self._f.close()  # closing the file releases the lock
+
+
+def holds_run(folder: str | Path) -> list[str]:
+    """What in ``folder`` shows that a run already wrote there (empty: none)."""
+    folder = Path(folder)
+    return [m for m in RUN_MARKERS if (folder / m).exists()]
 
 
 def write_json(path: str | Path, obj) -> Path:
@@ -143,9 +185,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def human_time(seconds: float) -> str:
-    m, s = divmod(int(math.ceil(seconds)), 60)
-    return f"{m}m{s:02d}s"
+class Interrupted(Exception):
+    """A command stopped on Ctrl-C; the message says what was kept and how to go on."""
 
 
 # Errors a command reports as a message (a missing file, a bad option or annotation), not
@@ -172,7 +213,13 @@ def run_cli(main, prog: str, argv: list[str] | None = None) -> int:
     import sys
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, Interrupted):  # one line: where the last checkpoint is, how to resume
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 130
         if not is_user_error(exc) or os.environ.get("NBRETR_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"{prog}: error: {exc}\n(NBRETR_TRACEBACK=1 shows where it was raised)", file=sys.stderr)

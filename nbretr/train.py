@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,14 @@ from nbretr import checkpoint as ckpt
 from nbretr.config import TrainConfig, build_parser, resolve_config, save_yaml
 from nbretr.memory_bank import MemoryBank
 from nbretr.optim import build_optimizer
-from nbretr.runtime import (Dist, ResumableSampler, amp_dtype, cleanup_distributed, git_commit, new_run_dir,
-                            setup_distributed, setup_logging, write_json)
+from nbretr.runtime import (Dist, FolderLock, Interrupted, ResumableSampler, amp_dtype, cleanup_distributed, git_commit,
+                            holds_run, new_run_dir, setup_distributed, setup_logging, write_json)
 
 log = logging.getLogger("nbretr")
+
+# What a training checkpoint must hold to be resumed.
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "bank", "rng", "epoch", "step_in_epoch",
+                       "global_step", "config")
 
 # -- building blocks (shared with nbretr.eval) ---------------------------------------------
 
@@ -148,6 +151,8 @@ class Trainer:
         self.bank = MemoryBank.for_features(max(1, cfg.mb_batch * cfg.batch_size), cfg.max_words, cfg.max_frames,
                                             dim, device=self.device) if cfg.mb_batch > 0 and not cfg.baseline else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.last_checkpoint: tuple[Path, int] | None = None
+        self._stop_requested = False
         self.writer = None
         if dist_.is_main:
             try:
@@ -170,13 +175,14 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.dist.is_main:
             return None
-        path = ckpt.save_atomic(self.state(), self.run_dir / "checkpoints" / "last.pt")
+        path = ckpt.save_rotating(self.state(), self.run_dir / "checkpoints" / "last.pt")
+        self.last_checkpoint = (path, self.global_step)
         log.info("checkpoint: %s (epoch %d, step %d)", path, self.epoch, self.global_step)
         return path
 
-    def load(self, path: Path) -> None:
+    def load(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint ``state`` (read from ``path``)."""
         ckpt.clean_partials(path.parent)
-        state = ckpt.load(path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -185,6 +191,7 @@ class Trainer:
             self.bank.load_state_dict(state["bank"])
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.last_checkpoint = (path, self.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     # memory bank -----------------------------------------------------------------
@@ -218,6 +225,7 @@ class Trainer:
         pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.dist.is_main,
                     desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
+        restore_sigint = self._catch_sigint()
         try:
             while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                 if self.step_in_epoch == 0:
@@ -236,17 +244,50 @@ class Trainer:
                     self.log_step(parts, pbar, jsonl, per_rank * self.dist.world_size, t_start)
                     if cfg.save_every and self.global_step % cfg.save_every == 0:
                         self.save()
+                    if self._should_stop():
+                        self.save()
+                        raise Interrupted(self.interrupt_message())
                 self.report_bad_data()
                 if self.step_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.step_in_epoch = 0
                 self.save()
         finally:
+            restore_sigint()
             pbar.close()
             if jsonl:
                 jsonl.close()
             if self.writer:
                 self.writer.flush()
+
+    # Ctrl-C ----------------------------------------------------------------------------
+    def _catch_sigint(self):
+        """First Ctrl-C: finish the step, save a checkpoint and stop (:class:`Interrupted`);
+        a second one stops at once. Returns the function that restores the old handler."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _should_stop(self) -> bool:
+        if not self.dist.enabled:
+            return self._stop_requested
+        flag = torch.tensor([1 if self._stop_requested else 0], device=self.device)
+        torch.distributed.all_reduce(flag)  # every rank stops after the same step
+        return bool(flag.item())
+
+    def interrupt_message(self) -> str:
+        return interrupt_message(self.run_dir, self.last_checkpoint, self.global_step)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         cfg = self.cfg
@@ -288,15 +329,60 @@ class Trainer:
         log_bad_summary(self.train_ds, epoch=self.epoch, reset=True)
 
 
-def discard_unstarted_run(run_dir: Path) -> None:
-    """Remove a run folder that holds only what main() writes before the data and model are
-    built (a run that failed to start, e.g. on a missing dataset folder), so that failures
-    leave no empty runs behind; anything else in it is kept."""
-    before = {"config.yaml", "build_info.json"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= before:
-        for name in before:
-            (run_dir / name).unlink(missing_ok=True)
-        run_dir.rmdir()
+def interrupt_message(run_dir: Path | None, last: tuple[Path, int] | None, step: int | None = None) -> str:
+    where = f" at step {step}" if step is not None else ""
+    if last is None:
+        return f"interrupted{where} before the first checkpoint; nothing to resume" + (
+            f" (run folder {run_dir})" if run_dir else "")
+    path, at = last
+    return (f"interrupted{where}; last checkpoint {path} (step {at}). Continue with: "
+            f"python -m nbretr.train --resume {run_dir}")
+
+
+class RunFolder:
+    """The run's output folder: made (or, with --resume, reopened) and locked by the main
+    process. A folder that already holds another run is refused unless resumed; a run that
+    fails before training starts leaves nothing behind (the folder itself when it made it,
+    else the files it wrote)."""
+
+    WRITES = ("config.yaml", "build_info.json", "tokenizer.json", "tb")
+
+    def __init__(self, path: Path, *, resuming: bool, is_main: bool):
+        self.path, self.is_main = path, is_main
+        self.created = not path.exists()
+        self.lock = None
+        if not is_main:
+            return
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"--output-dir {path} is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(path)
+        found = holds_run(path)
+        if found and not resuming:
+            self.lock.release(remove=self.created)
+            raise ValueError(f"--output-dir {path} already holds a run ({', '.join(found)}); continue it "
+                             f"with --resume {path}, or choose another folder")
+
+    def discard(self) -> None:
+        """Remove what this run wrote (it failed before training started)."""
+        if not self.is_main or not self.path.is_dir():
+            return
+        import shutil
+        if self.lock is not None:
+            self.lock.release(remove=True)
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in self.WRITES:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def training_curves(jsonl_path: str | Path) -> tuple[list[int], dict[str, list[float]], list[int]]:
@@ -374,63 +460,84 @@ def save_training_curves(jsonl_path: str | Path, png_path: str | Path, smooth: i
     return names
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's ``checkpoints/last.pt``."""
+    p = Path(path)
+    return p / "checkpoints" / "last.pt" if p.is_dir() else p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
-    cfg = resolve_config(args)
+    resumed, resume_file = None, None
+    if args.resume:
+        resume_file = checkpoint_file(args.resume)
+        if not resume_file.is_file() and not resume_file.with_name(ckpt.PREVIOUS_NAME).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {resume_file}")
+        resumed, resume_file = ckpt.load_with_fallback(resume_file, required=TRAINING_STATE_KEYS)
+    cfg = resolve_config(args, resumed["config"] if resumed else None, str(args.resume or ""))
+    if resume_file is not None:
+        cfg.resume = str(args.resume)
+        own = resume_file.parent.parent
+        if args.output_dir and Path(args.output_dir).resolve() != own.resolve():
+            raise ValueError(f"--output-dir {args.output_dir}: a resumed run writes into its own folder {own}")
+        cfg.output_dir = str(own)
     dist_ = setup_distributed(cfg.device)
     setup_logging(dist_.rank)
+    run: RunFolder | None = None
+    trainer: Trainer | None = None
     try:
-        nbretr.ops.use_backend  # noqa: B018  (the backend for the run is set below)
-        os.environ["NBRETR_BACKEND"] = cfg.backend
-        resume_path = None
-        if cfg.resume:
-            rp = Path(cfg.resume)
-            resume_path = rp / "checkpoints" / "last.pt" if rp.is_dir() else rp
-            if not resume_path.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {resume_path}")
-            if not cfg.output_dir:
-                cfg.output_dir = str(resume_path.parent.parent)
-        run_dir = new_run_dir(cfg.output_dir) if dist_.is_main else Path(cfg.output_dir or ".")
-        if dist_.enabled:
-            obj = [str(run_dir)]
-            torch.distributed.broadcast_object_list(obj, src=0)
-            run_dir = Path(obj[0])
-        if dist_.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
-            write_json(run_dir / "build_info.json", {**nbretr.build_info(), "git_commit": git_commit(),
-                                                     "world_size": dist_.world_size, "device": str(dist_.device)})
-        try:
-            trainer = Trainer(cfg, dist_, run_dir)
-        except Exception:
-            if dist_.is_main and resume_path is None:
-                discard_unstarted_run(run_dir)
-            raise
-        if resume_path is not None:
-            trainer.load(resume_path)
-        log.info("run folder %s; %d steps (%d per epoch), global batch %d on %d process(es), device %s",
-                 run_dir, trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size, dist_.world_size,
-                 dist_.device)
-        trainer.train()
-        if dist_.is_main:
-            curves = run_dir / "loss_curves.png"
-            try:  # a plot must not cost the run its evaluation
-                if save_training_curves(run_dir / "metrics.jsonl", curves):
-                    log.info("training curves: %s", curves)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not plot the training curves (%s: %s)", type(exc).__name__, exc)
-        metrics_path = None
-        if cfg.do_eval and trainer.test_ds is not None:
-            from nbretr import eval as evaluation
-            metrics = evaluation.evaluate(trainer.model, trainer.test_ds, cfg, dist_, k=cfg.eval_k,
-                                          out_dir=run_dir)
+        with nbretr.ops.use_backend(cfg.backend):
+            run_dir = Path(cfg.output_dir) if cfg.output_dir else new_run_dir(None, create=False)
+            if dist_.enabled:
+                obj = [str(run_dir)]
+                torch.distributed.broadcast_object_list(obj, src=0)
+                run_dir = Path(obj[0])
+            run = RunFolder(run_dir, resuming=resume_file is not None, is_main=dist_.is_main)
+            if dist_.is_main and resume_file is None:
+                save_yaml(cfg, run_dir / "config.yaml")
             if dist_.is_main:
-                print(evaluation.format_report(metrics))
-                metrics_path = write_json(run_dir / "metrics.json", metrics)
-        if dist_.is_main:
-            print(f"metrics: {metrics_path.resolve()}" if metrics_path else f"run folder: {run_dir.resolve()}")
-        return 0
+                write_json(run_dir / "build_info.json", {**nbretr.build_info(), "git_commit": git_commit(),
+                                                         "world_size": dist_.world_size,
+                                                         "device": str(dist_.device)})
+            try:
+                trainer = Trainer(cfg, dist_, run_dir)
+                if resumed is not None:
+                    trainer.load(resumed, resume_file)
+                    resumed = None  # the tensors now live in the model and optimiser
+            except Exception:
+                if resume_file is None:
+                    run.discard()
+                raise
+            log.info("run folder %s; %d steps (%d per epoch), global batch %d on %d process(es), device %s, "
+                     "backend %s", run_dir, trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size,
+                     dist_.world_size, dist_.device, cfg.backend)
+            trainer.train()
+            if dist_.is_main:
+                curves = run_dir / "loss_curves.png"
+                try:  # a plot must not cost the run its evaluation
+                    if save_training_curves(run_dir / "metrics.jsonl", curves):
+                        log.info("training curves: %s", curves)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not plot the training curves (%s: %s)", type(exc).__name__, exc)
+            metrics_path = None
+            if cfg.do_eval and trainer.test_ds is not None:
+                from nbretr import eval as evaluation
+                metrics = evaluation.evaluate(trainer.model, trainer.test_ds, cfg, dist_, k=cfg.eval_k,
+                                              out_dir=run_dir)
+                if dist_.is_main:
+                    print(evaluation.format_report(metrics))
+                    metrics_path = write_json(run_dir / "metrics.json", metrics)
+            if dist_.is_main:
+                print(f"metrics: {metrics_path.resolve()}" if metrics_path else f"run folder: {run_dir.resolve()}")
+            return 0
+    except KeyboardInterrupt:
+        if trainer is not None:
+            raise Interrupted(trainer.interrupt_message()) from None
+        raise Interrupted(interrupt_message(run.path if run else None, None)) from None
     finally:
+        if run is not None:
+            run.release()
         cleanup_distributed()
 
 

@@ -220,7 +220,11 @@ def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
     except (RuntimeError, ValueError):
         pass
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle, zip, EOF, key errors: all mean "not a checkpoint")
+        raise ValueError(f"{path} is not a CLIP checkpoint that nbretr can read (torch.load: "
+                         f"{type(err).__name__}); accepted: {ACCEPTED_FORMATS}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
