@@ -266,14 +266,12 @@ def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targ
     if (uses_qbank or uses_gbank) and bank_ds is None:
         raise ValueError("hubness corrections need banks: pass the training split (bank_ds)")
     device = dist_.device
-    n_cap_q = p.query_bank_size if uses_qbank else 0        # captions as t2v query bank
-    n_vid_q = p.query_bank_size if uses_qbank else 0        # videos as v2t query bank
-    n_cap_g = p.gallery_bank_size if uses_gbank else 0      # captions as v2t gallery bank
-    n_vid_g = p.gallery_bank_size if uses_gbank else 0      # videos as t2v gallery bank
+    # each modality serves as one direction's query bank and the other's gallery bank
+    n_each = max(p.query_bank_size if uses_qbank else 0, p.gallery_bank_size if uses_gbank else 0)
     bank_texts = bank_vids = None
     split = getattr(bank_ds, "split", None) or "train"
-    if uses_qbank or uses_gbank:
-        cap_idx, vid_idx = _bank_draws(bank_ds, p, max(n_cap_q, n_cap_g), max(n_vid_q, n_vid_g))
+    if n_each:
+        cap_idx, vid_idx = _bank_draws(bank_ds, p, n_each, n_each)
         bank_texts = encode_texts(model, bank_ds, cap_idx, device)
         bank_vids = encode_videos(model, bank_ds, vid_idx, device, num_workers=cfg.num_workers)
 
@@ -399,7 +397,7 @@ def format_report(m: dict[str, Any]) -> str:
 def _add_correction_options(p: argparse.ArgumentParser) -> None:
     """The corrections' and the hubness measures' options (defaults: CorrectionParams)."""
     d = CorrectionParams()
-    g = p.add_argument_group("hubness corrections (docs/corrections.md; defaults: the authors')")
+    g = p.add_argument_group("hubness corrections and measures (docs/corrections.md; defaults: the authors')")
     g.add_argument("--qbnorm-beta", type=float, default=d.qbnorm_beta, help="QB-Norm beta (default 20)")
     g.add_argument("--qbnorm-k", type=int, default=d.qbnorm_k,
                    help="QB-Norm activation k: normalise rows whose top-1 is in some bank query's top-k (default 1)")

@@ -142,12 +142,13 @@ def bank_stats(score_fn: ScoreFn, num_b: int, num_g: int, *, betas: Sequence[flo
     """One streaming pass over the bank's row blocks ``score_fn(b_slice, g_slice)``:
     column logsumexps for every ``beta`` in ``betas``, column top-k means for every k in
     ``mean_ks`` (k clipped to the bank size) and, for every k in ``hit_ks``, the set of
-    gallery items that are in some bank row's top-k (QB-Norm's activation set)."""
+    gallery items that are in some bank row's top-k (QB-Norm's activation set; k clipped
+    to the gallery size)."""
     if num_b < 1:
         raise ValueError("the bank is empty")
     for k in hit_ks:
-        if not 1 <= k <= num_g:
-            raise ValueError(f"activation k must be in [1, {num_g}] (the gallery size), got {k}")
+        if k < 1:
+            raise ValueError(f"activation k must be >= 1, got {k}")
     lse: dict = {}
     hits: dict = {}
     kmax = min(max(mean_ks), num_b) if mean_ks else 0
@@ -160,7 +161,7 @@ def bank_stats(score_fn: ScoreFn, num_b: int, num_g: int, *, betas: Sequence[flo
             cand = block if run_top is None else torch.cat((run_top, block), 0)
             run_top = torch.topk(cand, min(kmax, cand.shape[0]), dim=0).values
         for k in hit_ks:
-            idx = topk_rows(block, k)[1]
+            idx = topk_rows(block, min(k, num_g))[1]         # k >= the gallery: every item
             h = torch.zeros(num_g, dtype=torch.bool, device=block.device)
             h[idx.reshape(-1)] = True
             hits[k] = h if k not in hits else hits[k] | h
