@@ -5,15 +5,21 @@ optionally the inference-time hubness corrections (QB-Norm, DBNorm, NNN, CSLS, d
 softmax) with R@K and hubness before and after each.
 
     python -m nbretr.eval --checkpoint runs/<run>/checkpoints/last.pt [--dataset ...] \
-        [--corrections all|qbnorm,dbnorm,nnn,csls,dsl]
+        [--corrections all|qbnorm,dbnorm,nnn,csls,dsl] [--qbnorm-beta 20 ...]
+
+Every correction's parameters are options (the original authors' defaults); the report and
+metrics.json state them and the banks (split, items, size, seed) next to the numbers
+(docs/corrections.md).
 
 Under torchrun the queries are split across ranks; counts and sums are all-reduced.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +35,32 @@ from nbretr.runtime import Dist, cleanup_distributed, setup_distributed, setup_l
 log = logging.getLogger("nbretr")
 
 CORRECTIONS = ("qbnorm", "dbnorm", "nnn", "csls", "dsl")
+
+
+@dataclass
+class CorrectionParams:
+    """Every parameter of the inference-time hubness corrections; the defaults are the
+    original authors' (docs/corrections.md names each source and convention)."""
+    qbnorm_beta: float = 20.0                 # QB-Norm inverted-softmax beta
+    qbnorm_k: int = 1                         # QB-Norm activation k (dynamic inverted softmax)
+    dbnorm_beta1: float = R.DBNORM_BETA1      # DBNorm query-bank beta (1/1.99)
+    dbnorm_beta2: float = R.DBNORM_BETA2      # DBNorm gallery-bank beta (3)
+    dbnorm_dynamic: bool = False              # dual dynamic inverted softmax instead of dual inverted softmax
+    dbnorm_k: int = 1                         # its activation k
+    nnn_k: int = 128                          # NNN: bank neighbours per gallery item (README value)
+    nnn_alpha: float = 0.75                   # NNN: weight of their mean (README value)
+    csls_k: int = 10                          # CSLS neighbourhood size
+    dsl_temperature: float = R.DSL_TEMPERATURE  # dual softmax: softmax over queries of s / T
+    query_bank_size: int = 5000               # query bank: training captions (t2v) / videos (v2t)
+    gallery_bank_size: int = 5000             # gallery bank (DBNorm): training videos (t2v) / captions (v2t)
+    bank_seed: int = 0                        # the banks' random subsets of the training split
+
+    def validate(self) -> None:
+        for name in ("qbnorm_k", "dbnorm_k", "nnn_k", "csls_k", "query_bank_size", "gallery_bank_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.dsl_temperature > 0:
+            raise ValueError(f"dsl-temperature must be > 0, got {self.dsl_temperature}")
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -121,7 +153,8 @@ def _all_reduce_stats(stats: R.StreamStats, dist_: Dist, num_q: int, q_range: sl
     return R.StreamStats(ranks, stats.topk_indices, counts.cpu(), sums.cpu())
 
 
-def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q_chunk=256) -> R.StreamStats:
+def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q_chunk=256,
+                    ties: str = "lower-index", tie_seed: int = 0) -> R.StreamStats:
     """Ranks for this rank's share of the queries, all-reduced across ranks."""
     per = -(-num_q // dist_.world_size)
     q_range = slice(min(num_q, dist_.rank * per), min(num_q, (dist_.rank + 1) * per))
@@ -134,7 +167,7 @@ def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q
         lambda qs, block: transform(slice(q_range.start + qs.start, q_range.start + qs.stop), block))
     if n_local > 0:
         local = R.stream_ranks(local_fn, n_local, num_g, targets[q_range], k, q_chunk=q_chunk,
-                               transform=local_transform)
+                               transform=local_transform, ties=ties, tie_seed=tie_seed, q_offset=q_range.start)
         ranks = torch.zeros(num_q, dtype=torch.long)
         ranks[q_range] = local.ranks
         stats = R.StreamStats(ranks, local.topk_indices, local.counts, local.sums)
@@ -146,9 +179,16 @@ def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q
 
 @torch.no_grad()
 def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out_dir: Path | None = None,
-             corrections: Sequence[str] = (), bank_ds=None, bank_size: int = 5000,
-             q_chunk: int = 256) -> dict[str, Any]:
-    """Evaluate text->video and video->text on ``test_ds``; returns the metrics dict."""
+             corrections: Sequence[str] = (), bank_ds=None, params: CorrectionParams | None = None,
+             hubness_ties: str = "lower-index", tie_seed: int = 0, q_chunk: int = 256) -> dict[str, Any]:
+    """Evaluate text->video and video->text on ``test_ds``; returns the metrics dict.
+    ``corrections`` (names from ``CORRECTIONS``) are run with ``params`` (default: the
+    authors' values) and banks drawn from ``bank_ds`` (the training split);
+    ``hubness_ties`` is the tie rule of the top-k lists behind N_k ("lower-index" or
+    "random", seeded by ``tie_seed``)."""
+    params = params or CorrectionParams()
+    params.validate()
+    ties = dict(ties=hubness_ties, tie_seed=tie_seed)
     dist_ = dist_ or Dist(device=next(model.parameters()).device)
     device = dist_.device
     was_training = model.training
@@ -165,15 +205,17 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     t2v_fn = wti_score_fn(texts, vids, q_is_text=True)
     v2t_fn = wti_score_fn(vids, texts, q_is_text=False)
 
-    t2v = _rank_direction(t2v_fn, n_t, n_v, t2v_targets, k_t2v, dist_, q_chunk=q_chunk)
-    v2t = _rank_direction(v2t_fn, n_v, n_t, v2t_targets, k_v2t, dist_, q_chunk=q_chunk)
+    t2v = _rank_direction(t2v_fn, n_t, n_v, t2v_targets, k_t2v, dist_, q_chunk=q_chunk, **ties)
+    v2t = _rank_direction(v2t_fn, n_v, n_t, v2t_targets, k_v2t, dist_, q_chunk=q_chunk, **ties)
     results: dict[str, Any] = {"dataset": cfg.dataset, "k": k,
+                               "hubness_ties": hubness_ties,
+                               **({"tie_seed": tie_seed} if hubness_ties == "random" else {}),
                                "t2v": _direction_report(t2v, k_t2v, n_v),
                                "v2t": _direction_report(v2t, k_v2t, n_t)}
     if corrections:
         results["corrections"] = _corrections(model, cfg, dist_, corrections, texts, vids, t2v_fn, v2t_fn,
-                                              t2v_targets, v2t_targets, k_t2v, k_v2t, bank_ds, bank_size,
-                                              q_chunk)
+                                              t2v_targets, v2t_targets, k_t2v, k_v2t, bank_ds, params,
+                                              q_chunk, ties)
     if out_dir is not None and dist_.is_main:
         path = Path(out_dir) / "nk_histogram.png"
         save_histogram({"text->video": t2v.counts, "video->text": v2t.counts}, k, path)
@@ -183,50 +225,158 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     return results
 
 
+def same_modality_score_fn(a, b):
+    """score_fn of WTI similarity between two sets of one modality (gallery bank x test
+    gallery for DBNorm): the WTI formula is symmetric in its two sides, so ``a`` takes the
+    first side and ``b`` the second whatever the modality."""
+    def fn(as_: slice, bs: slice) -> torch.Tensor:
+        return ops.wti_similarity(*(x[as_] for x in a), *(x[bs] for x in b))
+    return fn
+
+
+def _take(triple, n):
+    return tuple(x[:n] for x in triple)
+
+
+def _bank_draws(bank_ds, p: CorrectionParams, need_captions: int, need_videos: int):
+    """Random orders of the bank split's captions and videos (one generator seeded with
+    ``bank_seed``: captions first, then videos); a bank of size n is the first n of its
+    order, so a smaller bank is a subset of a larger one."""
+    g = torch.Generator().manual_seed(p.bank_seed)
+    cap = torch.randperm(len(bank_ds.captions), generator=g)[:need_captions].tolist()
+    vid = torch.randperm(bank_ds.num_videos, generator=g)[:need_videos].tolist()
+    return cap, vid
+
+
+def correction_params_of(name: str, p: CorrectionParams) -> dict[str, Any]:
+    """The parameters of one correction, as reported and stored in metrics.json."""
+    if name == "qbnorm":
+        return {"method": "dynamic inverted softmax over the query bank", "beta": p.qbnorm_beta,
+                "k": p.qbnorm_k}
+    if name == "dbnorm":
+        return {"method": "dual dynamic inverted softmax" if p.dbnorm_dynamic else "dual inverted softmax",
+                "beta1": p.dbnorm_beta1, "beta2": p.dbnorm_beta2, "dynamic": p.dbnorm_dynamic,
+                **({"k": p.dbnorm_k} if p.dbnorm_dynamic else {})}
+    if name == "nnn":
+        return {"method": "s - alpha * mean of the k nearest bank queries", "k": p.nnn_k, "alpha": p.nnn_alpha}
+    if name == "csls":
+        return {"method": "2s - r_G(q) - r_Q(g), r_Q over the query bank", "k": p.csls_k}
+    if name == "dsl":
+        return {"method": "s * softmax over the test queries of s / T", "temperature": p.dsl_temperature}
+    raise ValueError(f"unknown correction {name!r}")
+
+
 def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targets, v2t_targets, k_t2v, k_v2t,
-                 bank_ds, bank_size, q_chunk) -> dict[str, Any]:
-    """R@K and hubness after each correction, with the query banks taken from ``bank_ds``
-    (training captions for text->video, training videos for video->text)."""
-    if bank_ds is None:
-        raise ValueError("hubness corrections need a query bank: pass the training split (bank_ds)")
+                 bank_ds, p: CorrectionParams, q_chunk, ties=None) -> dict[str, Any]:
+    """R@K and hubness after each correction. Banks come from ``bank_ds`` (the training
+    split): the query bank holds the queries' modality (captions for text->video, videos
+    for video->text), DBNorm's gallery bank the gallery's (videos for text->video,
+    captions for video->text). Each direction's report carries ``params``: the
+    correction's parameters and its banks."""
+    ties = ties or {}
+    need = set(names)
+    uses_qbank = bool(need & {"qbnorm", "dbnorm", "nnn", "csls"})
+    uses_gbank = "dbnorm" in need
+    if (uses_qbank or uses_gbank) and bank_ds is None:
+        raise ValueError("hubness corrections need banks: pass the training split (bank_ds)")
     device = dist_.device
-    g = torch.Generator().manual_seed(0)
-    n_cap = len(bank_ds.captions)
-    cap_idx = torch.randperm(n_cap, generator=g)[:bank_size].tolist()
-    bank_texts = encode_texts(model, bank_ds, cap_idx, device)
-    vid_sel = torch.randperm(bank_ds.num_videos, generator=g)[:bank_size].tolist()
-    bank_vids = encode_videos(model, bank_ds, vid_sel, device, num_workers=cfg.num_workers)
-    n_t, n_v = len(texts[0]), len(vids[0])
+    # each modality serves as one direction's query bank and the other's gallery bank
+    n_each = max(p.query_bank_size if uses_qbank else 0, p.gallery_bank_size if uses_gbank else 0)
+    bank_texts = bank_vids = None
+    split = getattr(bank_ds, "split", None) or "train"
+    if n_each:
+        cap_idx, vid_idx = _bank_draws(bank_ds, p, n_each, n_each)
+        bank_texts = encode_texts(model, bank_ds, cap_idx, device)
+        bank_vids = encode_videos(model, bank_ds, vid_idx, device, num_workers=cfg.num_workers)
+
+    def bank_info(items, triple, requested):
+        n = min(requested, len(triple[0]))
+        return {"split": split, "items": items, "size": n, "requested": requested, "seed": p.bank_seed}
+
     out: dict[str, Any] = {}
-    for direction, q, gal, bank_q, bank_g, q_is_text, targets, k, fn in (
-        ("t2v", texts, vids, bank_texts, bank_vids, True, t2v_targets, k_t2v, t2v_fn),
-        ("v2t", vids, texts, bank_vids, bank_texts, False, v2t_targets, k_v2t, v2t_fn),
+    for direction, q, gal, q_is_text, targets, k, fn in (
+        ("t2v", texts, vids, True, t2v_targets, k_t2v, t2v_fn),
+        ("v2t", vids, texts, False, v2t_targets, k_v2t, v2t_fn),
     ):
         n_q, n_g = len(q[0]), len(gal[0])
-        bank_fn = wti_score_fn(bank_q, gal, q_is_text=q_is_text)
-        stats = R.bank_stats(bank_fn, len(bank_q[0]), n_g, beta=20.0, ks=(10, 128), q_chunk=q_chunk)
-        need = set(names)
-        transforms = {}
+        q_items, g_items = ("captions", "videos") if q_is_text else ("videos", "captions")
+        transforms, info = {}, {}
+        if uses_qbank:
+            bq = _take(bank_texts if q_is_text else bank_vids, p.query_bank_size)
+            qb_info = bank_info(q_items, bq, p.query_bank_size)
+            betas = ([p.qbnorm_beta] if "qbnorm" in need else []) + ([p.dbnorm_beta1] if "dbnorm" in need else [])
+            mean_ks = ([p.nnn_k] if "nnn" in need else []) + ([p.csls_k] if "csls" in need else [])
+            hit_ks = ([p.qbnorm_k] if "qbnorm" in need else []) + \
+                ([p.dbnorm_k] if "dbnorm" in need and p.dbnorm_dynamic else [])
+            qstats = R.bank_stats(wti_score_fn(bq, gal, q_is_text=q_is_text), len(bq[0]), n_g, betas=betas,
+                                  mean_ks=mean_ks, hit_ks=hit_ks, q_chunk=q_chunk)
         if "qbnorm" in need:
-            transforms["qbnorm"] = lambda qs, b: R.qb_norm(b, stats)
+            transforms["qbnorm"] = lambda qs, b: R.qb_norm(b, qstats, p.qbnorm_beta, p.qbnorm_k)
+            info["qbnorm"] = {"query_bank": qb_info}
         if "dbnorm" in need:
-            gbank_fn = wti_score_fn(q, bank_g, q_is_text=q_is_text)
-            g_lse = R.row_lse(gbank_fn, n_q, len(bank_g[0]), temp=stats.beta, q_chunk=q_chunk)
-            transforms["dbnorm"] = lambda qs, b: R.db_norm(b, stats, g_lse[qs])
+            bg = _take(bank_vids if q_is_text else bank_texts, p.gallery_bank_size)
+            gstats = R.bank_stats(same_modality_score_fn(bg, gal), len(bg[0]), n_g, betas=[p.dbnorm_beta2],
+                                  hit_ks=[p.dbnorm_k] if p.dbnorm_dynamic else [], q_chunk=q_chunk)
+            transforms["dbnorm"] = lambda qs, b: R.db_norm(b, qstats, gstats, p.dbnorm_beta1, p.dbnorm_beta2,
+                                                          dynamic=p.dbnorm_dynamic, k=p.dbnorm_k)
+            info["dbnorm"] = {"query_bank": qb_info, "gallery_bank": bank_info(g_items, bg, p.gallery_bank_size),
+                              "gallery_bank_similarity": f"WTI {g_items} x {g_items}"}
         if "nnn" in need:
-            transforms["nnn"] = lambda qs, b: R.nnn(b, stats, alpha=0.75, k=128)
+            transforms["nnn"] = lambda qs, b: R.nnn(b, qstats, alpha=p.nnn_alpha, k=p.nnn_k)
+            info["nnn"] = {"query_bank": qb_info, "k_used": min(p.nnn_k, qb_info["size"])}
         if "csls" in need:
-            transforms["csls"] = lambda qs, b: R.csls(b, stats, k=10)
+            transforms["csls"] = lambda qs, b: R.csls(b, qstats, k=p.csls_k)
+            info["csls"] = {"query_bank": qb_info, "k_used_query_bank": min(p.csls_k, qb_info["size"]),
+                            "k_used_gallery": min(p.csls_k, n_g)}
         if "dsl" in need:
-            col = R.column_lse(fn, n_q, n_g, temp=100.0, q_chunk=q_chunk)
-            transforms["dsl"] = lambda qs, b: R.dual_softmax(b, col, temp=100.0)
-        for name, tr in transforms.items():
-            st = _rank_direction(fn, n_q, n_g, targets, k, dist_, transform=tr, q_chunk=q_chunk)
-            out.setdefault(name, {})[direction] = _direction_report(st, k, n_g)
+            col = R.column_lse(fn, n_q, n_g, temperature=p.dsl_temperature, q_chunk=q_chunk)
+            transforms["dsl"] = lambda qs, b: R.dual_softmax(b, col, p.dsl_temperature)
+            info["dsl"] = {"softmax_over": f"the {n_q} test {q_items}"}
+        for name in CORRECTIONS:
+            if name not in transforms:
+                continue
+            st = _rank_direction(fn, n_q, n_g, targets, k, dist_, transform=transforms[name], q_chunk=q_chunk,
+                                 **ties)
+            rep = _direction_report(st, k, n_g)
+            rep["params"] = {**correction_params_of(name, p), **info[name]}
+            out.setdefault(name, {})[direction] = rep
     return out
 
 
 # -- reporting -------------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _bank_text(b) -> str:
+    if isinstance(b, str):
+        return b
+    size = f"{b['size']}" + (f" (of {b['requested']} asked)" if b["size"] < b["requested"] else "")
+    return f"{size} {b['split']} {b['items']}, seed {b['seed']}"
+
+
+def correction_lines(cd: dict[str, Any]) -> list[str]:
+    """One line per correction and direction: its parameters and banks."""
+    lines = []
+    for cname, dirs in cd.items():
+        for dname, d in dirs.items():
+            prm = d.get("params", {})
+            vals = ", ".join(f"{key} {_fmt(v)}" for key, v in prm.items()
+                             if key not in ("method", "query_bank", "gallery_bank", "gallery_bank_similarity"))
+            banks = []
+            if "query_bank" in prm:
+                banks.append(f"query bank: {_bank_text(prm['query_bank'])}")
+            if "gallery_bank" in prm:
+                banks.append(f"gallery bank: {_bank_text(prm['gallery_bank'])} "
+                             f"({prm.get('gallery_bank_similarity', '')})")
+            lines.append(f"  {cname} {dname}: {prm.get('method', '')}; {vals}; " + "; ".join(banks))
+    return lines
+
 
 def format_report(m: dict[str, Any]) -> str:
     cols = ("R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum")
@@ -251,10 +401,61 @@ def format_report(m: dict[str, Any]) -> str:
     for cname, cd in m.get("corrections", {}).items():
         for dname, d in cd.items():
             lines.append(hrow(f"{cname} {dname}", d))
+    lines.append(f"hubness: hubs N_k >= 2k (k clipped to the gallery size); top-k ties "
+                 f"{m.get('hubness_ties', 'lower-index')}" + (f" (seed {m['tie_seed']})" if "tie_seed" in m else ""))
+    if m.get("corrections"):
+        lines += ["", "corrections (parameters and banks):"] + correction_lines(m["corrections"])
     for name, d in (("text->video", m["t2v"]), ("video->text", m["v2t"])):
         if d["hubness"].get("note"):
             lines.append(f"note, {name} hubness: {d['hubness']['note']}")
     return "\n".join(lines)
+
+
+def _add_correction_options(p: argparse.ArgumentParser) -> None:
+    """The corrections' and the hubness measures' options (defaults: CorrectionParams)."""
+    d = CorrectionParams()
+    g = p.add_argument_group("hubness corrections and measures (docs/corrections.md; defaults: the authors')")
+    g.add_argument("--qbnorm-beta", type=float, default=d.qbnorm_beta, help="QB-Norm beta (default 20)")
+    g.add_argument("--qbnorm-k", type=int, default=d.qbnorm_k,
+                   help="QB-Norm activation k: normalise rows whose top-1 is in some bank query's top-k (default 1)")
+    g.add_argument("--dbnorm-beta1", type=float, default=d.dbnorm_beta1,
+                   help="DBNorm query-bank beta (default 1/1.99)")
+    g.add_argument("--dbnorm-beta2", type=float, default=d.dbnorm_beta2, help="DBNorm gallery-bank beta (default 3)")
+    g.add_argument("--dbnorm-dynamic", action=argparse.BooleanOptionalAction, default=d.dbnorm_dynamic,
+                   help="DBNorm's dual dynamic inverted softmax instead of the dual inverted softmax (default off)")
+    g.add_argument("--dbnorm-k", type=int, default=d.dbnorm_k, help="activation k of --dbnorm-dynamic (default 1)")
+    g.add_argument("--nnn-k", type=int, default=d.nnn_k, help="NNN: nearest bank queries per gallery item (128)")
+    g.add_argument("--nnn-alpha", type=float, default=d.nnn_alpha, help="NNN: weight of their mean (0.75)")
+    g.add_argument("--csls-k", type=int, default=d.csls_k, help="CSLS neighbourhood size (default 10)")
+    g.add_argument("--dsl-temperature", type=float, default=d.dsl_temperature,
+                   help="dual softmax: softmax over the test queries of s / T (CAMoE's convention; default 1000; "
+                        "0.01 = scores x 100)")
+    g.add_argument("--bank-size", type=int, default=None,
+                   help="both bank sizes at once (the specific options below win)")
+    g.add_argument("--query-bank-size", type=int, default=None,
+                   help=f"query bank: training captions (t2v) / videos (v2t) (default {d.query_bank_size})")
+    g.add_argument("--gallery-bank-size", type=int, default=None,
+                   help=f"DBNorm's gallery bank: training videos (t2v) / captions (v2t) "
+                        f"(default {d.gallery_bank_size})")
+    g.add_argument("--bank-seed", type=int, default=d.bank_seed, help="seed of the banks' random subsets (default 0)")
+    g.add_argument("--hubness-ties", choices=R.TIES, default="lower-index",
+                   help="tie rule of the top-k lists behind N_k: lower-index (default) or random (scikit-hubness)")
+    g.add_argument("--tie-seed", type=int, default=0, help="seed of --hubness-ties random (default 0)")
+
+
+def _correction_params(p: argparse.ArgumentParser, args) -> CorrectionParams:
+    d = CorrectionParams()
+    fields = {f.name for f in dataclasses.fields(CorrectionParams)}
+    kw = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    for name in ("query_bank_size", "gallery_bank_size"):
+        if getattr(args, name) is None:
+            kw[name] = args.bank_size if args.bank_size is not None else getattr(d, name)
+    params = CorrectionParams(**kw)
+    try:
+        params.validate()
+    except ValueError as err:
+        p.error(f"--{err}")
+    return params
 
 
 def eval_output_dir(run_dir: Path, output_dir: str | None) -> Path:
@@ -285,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-root", "--data_root", dest="data_root", default=None)
     p.add_argument("--corrections", default="", help=f"comma list of {', '.join(CORRECTIONS)}, or 'all'")
-    p.add_argument("--bank-size", type=int, default=5000, help="query-bank size for the corrections")
+    _add_correction_options(p)
     p.add_argument("--k", type=int, default=None, help="k of the hubness report (default: the run's eval_k)")
     p.add_argument("--output-dir", default=None,
                    help="where metrics.json and the PNG go (default: a new <run>/evals/<timestamp>)")
@@ -299,11 +500,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--corrections: unknown {bad}; choose from {', '.join(CORRECTIONS)} or 'all'")
     if args.k is not None and args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
-    if args.bank_size < 1:
-        p.error(f"--bank-size must be at least 1, got {args.bank_size}")
     backend = args.backend or os.environ.get("NBRETR_BACKEND") or "auto"
     if backend not in ("auto", "ext", "torch"):
         p.error(f"NBRETR_BACKEND={backend!r} is not a backend; use auto, ext or torch")
+    params = _correction_params(p, args)
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
@@ -333,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
             model.load_state_dict(state["model"])
             metrics = evaluate(model, data["test"], cfg, dist_, k=args.k if args.k is not None else cfg.eval_k,
-                               out_dir=out_dir, corrections=corr, bank_ds=data.get("train"),
-                               bank_size=args.bank_size)
+                               out_dir=out_dir, corrections=corr, bank_ds=data.get("train"), params=params,
+                               hubness_ties=args.hubness_ties, tie_seed=args.tie_seed)
             metrics["checkpoint"] = str(path)
             if dist_.is_main:
                 print(format_report(metrics))

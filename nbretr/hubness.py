@@ -3,7 +3,7 @@
 Reads query and gallery embeddings ([N, D] .npy or .pt), compares them by cosine
 similarity (``--metric dot|euclidean`` for the others), streams them through :func:`nbretr.ops.topk_centrality` and prints
 R@K (with ``--paired``: query i's correct item is gallery item i) and the hubness table
-(METHOD.md "Hubness measures"), and saves a histogram of the k-occurrences N_k as PNG.
+(docs/corrections.md, "Hubness measures"), and saves a histogram of the k-occurrences N_k as PNG.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Retrieval metrics from ranks and hubness measures from k-occurrences (METHOD.md
-"Evaluation" and "Hubness measures").
+"""Retrieval metrics from ranks and hubness measures from k-occurrences (definitions:
+docs/corrections.md, "Hubness measures and the tie rule").
 
 Ranks are computed for any gallery size without the full similarity matrix: queries go in
 chunks (at most ``max_tile_elems`` similarities live at once) and the rank of a target is
@@ -151,7 +151,7 @@ def retrieval_report(text: torch.Tensor, video: torch.Tensor, caption_to_video: 
 
 
 def hubness(counts: torch.Tensor, k: int, num_queries: int) -> dict[str, float]:
-    """Hubness measures of k-occurrences (METHOD.md, scikit-hubness definitions).
+    """Hubness measures of k-occurrences (scikit-hubness definitions; docs/corrections.md).
 
     Args:
         counts: [G] N_k of every gallery item (zeros included), e.g. from topk_centrality.
