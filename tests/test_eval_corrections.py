@@ -80,9 +80,9 @@ def test_every_option_is_passed_through(run, tmp_path, capsys):
             "softmax_over the 8 test captions") in report
     assert "query bank: 12 train captions, seed 9" in report
     # --bank-size sets both banks; a specific option wins
-    assert E.main(["--checkpoint", str(run), "--corrections", "dbnorm", "--output-dir", str(tmp_path),
+    assert E.main(["--checkpoint", str(run), "--corrections", "dbnorm", "--output-dir", str(tmp_path / "2"),
                    "--bank-size", "8", "--gallery-bank-size", "3"]) == 0
-    p = json.loads((tmp_path / "metrics.json").read_text())["corrections"]["dbnorm"]["t2v"]["params"]
+    p = json.loads((tmp_path / "2" / "metrics.json").read_text())["corrections"]["dbnorm"]["t2v"]["params"]
     assert (p["query_bank"]["requested"], p["gallery_bank"]["requested"]) == (8, 3)
 
 
