@@ -45,8 +45,8 @@ class VideoTextDataset(Dataset):
     ``[max_frames]``, ``index`` (caption index), ``video_index``, ``bad`` (True for a video
     that could not be decoded: then ``video`` is zeros and ``video_mask`` all zero).
 
-    A bad video logs one warning naming the file (per process) and is counted in shared
-    memory, so :meth:`bad_summary` sees what the DataLoader workers met. ``strict=True``
+    A bad video logs one warning naming the file (once, whichever process meets it first) and
+    is counted in shared memory, so :meth:`bad_summary` sees what the DataLoader workers met. ``strict=True``
     raises :class:`~nbretr.data.decoding.VideoDecodeError` instead. Annotation problems
     (malformed lines, videos that are not there) are logged with file and line at
     construction and the entries dropped (strict: :class:`AnnotationError`).
@@ -110,7 +110,9 @@ class VideoTextDataset(Dataset):
         # method cannot travel to the other): concurrent hits on one video may undercount
         self._bad_code = mp.RawArray("b", n)  # reason code + 1 per video, 0 = not seen bad
         self._bad_hits = mp.RawArray("i", n)
-        self._warned: set[int] = set()
+        # warned-about flags, also shared: a video met bad by several DataLoader workers
+        # (or by new workers each epoch) is warned about once, not once per process
+        self._warned_shared = mp.RawArray("b", n)
         log.info("%s %s: %d videos, %d captions", self.name, self.split, len(self.videos), len(self.captions))
 
     @property
@@ -165,8 +167,9 @@ class VideoTextDataset(Dataset):
         code = BAD_REASONS.index(err.reason) + 1 if err.reason in BAD_REASONS else len(BAD_REASONS)
         self._bad_hits[video_index] += 1
         self._bad_code[video_index] = code
-        if video_index not in self._warned:
-            self._warned.add(video_index)
+        first = not self._warned_shared[video_index]
+        self._warned_shared[video_index] = 1
+        if first:
             log.warning("nbretr.data: skipping bad video %s (%s%s)", err.path, err.reason,
                         f": {err.detail}" if err.detail else "")
 
@@ -190,7 +193,6 @@ class VideoTextDataset(Dataset):
         for i in range(len(self._bad_hits)):
             self._bad_hits[i] = 0
             self._bad_code[i] = 0
-        self._warned.clear()
 
 
 def log_bad_summary(dataset: VideoTextDataset, logger: logging.Logger | None = None, epoch: int | None = None,

@@ -10,13 +10,20 @@ more than one clip's sampled frames.
 Backends: decord (preferred) and PyAV (used when decord is not installed, or for a file
 decord cannot open). The choice is made automatically and logged once per process.
 Every decoding failure surfaces as :class:`VideoDecodeError` with the file and a short
-reason, never as a raw decoder trace.
+reason, never as a raw decoder trace. The decoders' own messages (FFmpeg's ``moov atom not
+found``, decord's ``ERROR opening``), which they write straight to the process's stderr,
+are caught while a file is opened and decoded and kept for the error's detail instead of
+reaching the terminal; ``NBRETR_DECODER_LOG=1`` lets them through.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +62,72 @@ def _report_once(key: str, msg: str, *args, level: int = logging.INFO) -> None:
     if key not in _reported:
         _reported.add(key)
         log.log(level, msg, *args)
+
+
+_quiet_lock = threading.Lock()
+_quiet_state = {"depth": 0, "saved": -1, "sink": None}
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send what C libraries write to file descriptor 2 to a temporary file while inside;
+    yields a list that receives the caught text (when this is the only thread inside).
+    Nested and concurrent uses share one redirection (reference-counted). A no-op with
+    ``NBRETR_DECODER_LOG=1`` or when fd 2 cannot be redirected."""
+    caught: list[str] = []
+    if os.environ.get("NBRETR_DECODER_LOG", "") not in ("", "0"):
+        yield caught
+        return
+    with _quiet_lock:
+        st = _quiet_state
+        if st["depth"] == 0:
+            try:
+                sys.stderr.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+            sink = saved = None
+            try:
+                sink = tempfile.TemporaryFile()
+                saved = os.dup(2)
+                os.dup2(sink.fileno(), 2)
+                st["saved"], st["sink"] = saved, sink
+            except OSError:  # no fd 2 (a daemon), no temp space: let the noise through
+                if saved is not None:
+                    os.close(saved)
+                if sink is not None:
+                    sink.close()
+                sink = None
+        else:
+            sink = st["sink"]
+        if sink is not None:
+            st["depth"] += 1
+            start = os.lseek(sink.fileno(), 0, os.SEEK_END)
+    if sink is None:
+        yield caught
+        return
+    try:
+        yield caught
+    finally:
+        with _quiet_lock:
+            st = _quiet_state
+            end = os.lseek(sink.fileno(), 0, os.SEEK_END)
+            if st["depth"] == 1 and end > start:
+                caught.append(os.pread(sink.fileno(), min(end - start, 4096), start).decode("utf-8", "replace"))
+            st["depth"] -= 1
+            if st["depth"] == 0:
+                os.dup2(st["saved"], 2)
+                os.close(st["saved"])
+                st["sink"].close()
+                st["saved"], st["sink"] = -1, None
+
+
+def _decoder_said(caught: list[str]) -> str:
+    """The decoder's own first meaningful line (e.g. FFmpeg's ``moov atom not found``)."""
+    for line in "".join(caught).splitlines():
+        line = line.strip()
+        if line:
+            return line.split("] ", 1)[-1][:160] if line.startswith("[") else line[:160]
+    return ""
 
 
 def _have_decord() -> bool:
@@ -113,6 +186,19 @@ def sample_indices(num_frames: int, fps: float, max_frames: int, framerate: floa
 
 
 def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+    failure = None
+    with quiet_stderr() as caught:
+        try:
+            return _decode_decord_inner(path, max_frames, framerate, start, end)
+        except VideoDecodeError as err:
+            failure = err
+    said = _decoder_said(caught)
+    if said and said not in failure.detail:
+        failure = VideoDecodeError(failure.path, failure.reason, f"{failure.detail} ({said})")
+    raise failure
+
+
+def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
     import decord
     try:
         vr = decord.VideoReader(path, num_threads=1)
@@ -133,6 +219,11 @@ def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> 
 
 
 def _decode_pyav(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+    with quiet_stderr():
+        return _decode_pyav_inner(path, max_frames, framerate, start, end)
+
+
+def _decode_pyav_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
     import av
     try:
         container = av.open(path)
@@ -211,12 +302,14 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
         except VideoDecodeError as err:
             if backend == "decord" or not _have_av():
                 raise
-            _report_once("fallback", "nbretr.data: decord could not open %s (%s); trying PyAV for "
-                         "such files", path, err.detail)
             try:
-                return _decode_pyav(path, max_frames, framerate, start, end)
-            except VideoDecodeError as err2:
+                frames = _decode_pyav(path, max_frames, framerate, start, end)
+            except VideoDecodeError as err2:  # bad for both: one error (the caller warns once)
                 raise VideoDecodeError(path, err2.reason, f"{err.detail}; {err2.detail}") from None
+            # said once per process, and only when it helps (PyAV read what decord could not)
+            _report_once("fallback", "nbretr.data: decord could not open %s (%s); PyAV could, and is tried "
+                         "for such files", path, err.detail)
+            return frames
     if not _have_av():
         raise RuntimeError("no video decoding backend: install decord or av (pip install 'nbretr[data]')")
     if backend == "auto":
