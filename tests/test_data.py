@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -325,7 +326,7 @@ def test_didemo_paragraphs(tmp_path, word_tok):
             {"video": "111@N00_22_abc.avi", "description": "she laughs", "times": [[2, 3]]}]
     (root / "test_data.json").write_text(json.dumps(data))
     ds = build_dataset("didemo", root, "test", word_tok, image_size=32)
-    assert ds.video_ids == ["111@N00_22_abc", "333@N00_44_def"]
+    assert ds.video_ids == ["111@N00_22_abc.avi", "333@N00_44_def.avi"]  # as the JSON names them
     assert ds.captions == ["a girl waves she laughs", "a car passes"]
     assert ds[1]["video"].shape == (12, 3, 32, 32)
 
@@ -455,20 +456,21 @@ def test_annotation_problems_name_file_and_line(tmp_path, word_tok, caplog):
     (root / "MSRVTT_JSFUSION_test.csv").write_text(
         "key,vid_key,video_id,sentence\nr0,k0,video0,fine\nr1,k1,video9,missing video\nr2,k2\nr3,k3,video1,ok\n")
     with caplog.at_level(logging.WARNING, logger="nbretr.data"):
-        ds = build_dataset("msrvtt", root, "test", word_tok)
-    assert ds.video_ids == ["video0", "video1"] and ds.captions == ["fine", "ok"]
-    text = "\n".join(ds.annotation_problems)
-    assert "MSRVTT_JSFUSION_test.csv line 3: video video9 not found" in text
-    assert "MSRVTT_JSFUSION_test.csv line 4: malformed row" in text
-    assert any("line 3" in r.getMessage() for r in caplog.records)
-    with pytest.raises(AnnotationError, match="line 3"):
+        ds = build_dataset("msrvtt", root, "test", word_tok, allow_missing=True)
+    # the malformed row is dropped; the missing video keeps its pair (the test set stays whole)
+    assert ds.video_ids == ["video0", "video9", "video1"] and ds.captions == ["fine", "missing video", "ok"]
+    assert ds.missing_videos == ["video9"]
+    assert len(ds.annotation_problems) == 1
+    assert f"{root / 'MSRVTT_JSFUSION_test.csv'} line 4: malformed row" in ds.annotation_problems[0]
+    problems = [r.getMessage() for r in caplog.records if "annotation problem" in r.getMessage()]
+    assert len(problems) == 1 and "MSRVTT_JSFUSION_test.csv line 4: malformed row" in problems[0]
+    with pytest.raises(AnnotationError, match="line 4"):
         build_dataset("msrvtt", root, "test", word_tok, strict=True)
     (root / "test_list.txt").write_text("video0\nvideo1 extra\nvideo5\n")
     (root / "raw-captions.pkl").write_bytes(pickle.dumps({"video0": [["a"]], "video5": [["b"]]}))
-    ms = build_dataset("msvd", root, "test", word_tok)
-    assert ms.video_ids == ["video0"]
+    ms = build_dataset("msvd", root, "test", word_tok, allow_missing=True)
+    assert ms.video_ids == ["video0", "video5"] and ms.missing_videos == ["video5"]
     assert any("test_list.txt line 2: malformed line" in p for p in ms.annotation_problems)
-    assert any("test_list.txt line 3: video video5 not found" in p for p in ms.annotation_problems)
 
 
 def test_build_dataset_errors(tmp_path, word_tok):
@@ -480,7 +482,57 @@ def test_build_dataset_errors(tmp_path, word_tok):
         build_dataset("msrvtt", tmp_path, "test", word_tok)
 
 
-# ---------------------------------------------------------------- the embedded dataset: sizes, concurrent first use
+# ---------------------------------------------------------------- issue 16: what users met
+
+def _msrvtt_train_root(root: Path) -> Path:
+    _videos(root / "videos", ["video0", "video1"])
+    (root / "MSRVTT_train.9k.csv").write_text("video_id\n" + "".join(f"video{i % 2}\n" for i in range(100)))
+    return root
+
+
+def test_truncated_msrvtt_json_is_one_error_naming_the_file(tmp_path, word_tok, caplog):
+    from nbretr.runtime import is_user_error
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    sents = [{"video_id": f"video{i % 2}", "caption": f"caption {i}", "sen_id": i} for i in range(40)]
+    text = json.dumps({"videos": [], "sentences": sents})
+    (root / "MSRVTT_data.json").write_text(text[: len(text) // 2])  # an interrupted download
+    with caplog.at_level(logging.WARNING, logger="nbretr.data"):
+        with pytest.raises(AnnotationError, match=r"MSRVTT_data.json is not valid JSON.*line 1 column") as err:
+            build_dataset("msrvtt", root, "train", word_tok)
+    assert str(root / "MSRVTT_data.json") in str(err.value)
+    assert is_user_error(err.value)  # the CLI prints `prog: error: ...`, no traceback
+    assert caplog.records == []  # no "has no caption" flood before it
+
+
+def test_msrvtt_json_without_sentences_names_the_key(tmp_path, word_tok):
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": "video0"}], "info": {}}))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_data.json has no key 'sentences'.*'videos', 'info'"):
+        build_dataset("msrvtt", root, "train", word_tok)
+    (root / "MSRVTT_data.json").write_text(json.dumps([{"video_id": "video0", "caption": "x"}]))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_data.json should hold a JSON object at the top, found a list"):
+        build_dataset("msrvtt", root, "train", word_tok)
+    # every sentence malformed: one error naming the problem, not an empty training set
+    (root / "MSRVTT_data.json").write_text(json.dumps({"sentences": [{"video": "video0", "text": "x"}] * 3}))
+    with pytest.raises(AnnotationError, match=r"no \(caption, video\) pairs: 5 annotation problem\(s\), e.g. "
+                                              r".*sentences\[0\]: malformed sentence entry"):
+        build_dataset("msrvtt", root, "train", word_tok)
+
+
+@pytest.mark.parametrize("name, files", [
+    ("msvd", {"raw-captions.pkl": b"\x80\x04\x95", "test_list.txt": b"video0\n"}),
+    ("didemo", {"test_list.txt": b"video0\n", "test_data.json": b'[{"video": "video0", "descr'}),
+    ("activitynet", {"val_ids.json": b'["v_a"]', "val_1.json": b'{"v_a": {"sentences": ['}),
+])
+def test_other_truncated_annotations_are_one_error(tmp_path, word_tok, name, files):
+    root = tmp_path / name
+    _videos(root / "videos", ["video0"])
+    for fn, data in files.items():
+        (root / fn).write_bytes(data)
+    broken = next(fn for fn in files if fn.endswith((".pkl", "data.json", "val_1.json")))
+    with pytest.raises(AnnotationError, match=re.escape(str(root / broken))):
+        build_dataset(name, root, "test", word_tok)
+
 
 _BAD_VIDEO_SCRIPT = r"""
 import logging, sys
@@ -573,3 +625,16 @@ def test_a_second_builder_waits_for_the_lock_holder(tmp_path):
     assert p.wait(timeout=300) == 0, log_file.read_text()
     assert "another process is building it; waiting" in log_file.read_text()
     assert synthetic.check(root, "full") == []
+
+
+def test_train_cli_names_the_broken_annotation_file(tmp_path, capsys, monkeypatch):
+    from nbretr import train as T
+    from nbretr.runtime import run_cli
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    (root / "MSRVTT_data.json").write_text('{"videos": [], "sentences": [{"video_id": "video0", "capt')
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(T.main, "prog", ["--dataset", "msrvtt", "--data-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[0].startswith(f"prog: error: msrvtt: {root / 'MSRVTT_data.json'} is not valid JSON"), err
+    assert "has no caption" not in err and "batch-size" not in err and "Traceback" not in err

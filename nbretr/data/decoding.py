@@ -35,7 +35,11 @@ log = logging.getLogger("nbretr.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv")
+# Container extensions recognised as videos (stripped from ids, preferred when indexing a
+# folder); a file with another extension is still a candidate (see nbretr.data._layout).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".3g2", ".flv",
+                    ".wmv", ".asf", ".ogv", ".ogg", ".ts", ".m2ts", ".mts", ".vob", ".divx", ".f4v", ".qt",
+                    ".rm", ".rmvb", ".mxf", ".dv", ".m2v", ".mod", ".nut", ".y4m")
 _SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
 _BIAS = -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -393,37 +397,8 @@ def pad_frames(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, tor
     return video, mask
 
 
-def find_video(folder: str | os.PathLike, video_id: str, index: dict[str, Path] | None = None) -> Path | None:
-    """The file for ``video_id`` in ``folder`` (any known video extension; ``index`` from
-    :func:`index_folder` avoids one stat per extension)."""
-    stem = strip_video_ext(video_id)
-    if index is not None:
-        return index.get(stem)
-    for ext in VIDEO_EXTENSIONS:
-        p = Path(folder) / f"{stem}{ext}"
-        if p.exists():
-            return p
-    return None
-
-
 def strip_video_ext(name: str) -> str:
-    low = name.lower()
-    for ext in VIDEO_EXTENSIONS:
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def index_folder(folder: str | os.PathLike) -> dict[str, Path]:
-    """Map file stem -> path for every video file directly inside ``folder`` (one scandir)."""
-    out: dict[str, Path] = {}
-    try:
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.lower().endswith(VIDEO_EXTENSIONS):
-                    stem = strip_video_ext(e.name)
-                    if stem not in out or e.name.lower().endswith(".mp4"):
-                        out[stem] = Path(e.path)
-    except FileNotFoundError:
-        pass
-    return out
+    """``name`` without its last extension when that is a video container's
+    (:data:`VIDEO_EXTENSIONS`, any case): ``X.mov.mp4`` -> ``X.mov``, ``vid`` -> ``vid``."""
+    root, ext = os.path.splitext(name)
+    return root if root and ext.lower() in VIDEO_EXTENSIONS else name
