@@ -37,6 +37,13 @@ def write_video(path: Path, n: int = 10, fps: float = 2, h: int = 48, w: int = 6
     return frames
 
 
+@pytest.fixture(autouse=True)
+def _own_tempdir(tmp_path, monkeypatch):
+    """Missing-video lists written to the default place (the temp folder) stay in tmp_path."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
     return synthetic.build(tmp_path_factory.mktemp("synthetic"), "small", seed=0, progress=False)

@@ -18,6 +18,13 @@ from nbretr.data import MissingVideosError, build_dataset, sample_indices, synth
 from nbretr.data.decoding import CLIP_MEAN, CLIP_STD
 
 
+@pytest.fixture(autouse=True)
+def _own_tempdir(tmp_path, monkeypatch):
+    """Missing-video lists written to the default place (the temp folder) stay in tmp_path."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="module")
 def tok():
     return synthetic.word_tokenizer()
