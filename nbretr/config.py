@@ -38,6 +38,8 @@ class TrainConfig(NeighborRetrConfig):
     image_size: int | None = None          # default: 224 with CLIP, the synthetic size otherwise
     num_workers: int = 2
     strict_data: bool = False
+    video_dir: str | None = None           # video folder (absolute or under data_root; searched recursively)
+    allow_missing: bool = False            # go on when over 1% of a split's videos are missing
     # model
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives

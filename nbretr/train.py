@@ -60,6 +60,10 @@ def _dataset(cfg: TrainConfig, split: str, tokenizer):
         kw["size"] = cfg.synthetic_size
     if cfg.train_split and split == "train":
         kw["train_list"] = cfg.train_split
+    if cfg.video_dir:
+        kw["video_dir"] = cfg.video_dir
+    if cfg.allow_missing:
+        kw["allow_missing"] = True
     return build_dataset(cfg.dataset, data_root(cfg), split, tokenizer, max_words=cfg.max_words,
                          max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
                          image_size=image_size(cfg), strict=cfg.strict_data, **kw)

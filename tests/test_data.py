@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +35,13 @@ def write_video(path: Path, n: int = 10, fps: float = 2, h: int = 48, w: int = 6
     path.parent.mkdir(parents=True, exist_ok=True)
     synthetic.write_mp4(path, frames, fps=fps)
     return frames
+
+
+@pytest.fixture(autouse=True)
+def _own_tempdir(tmp_path, monkeypatch):
+    """Missing-video lists written to the default place (the temp folder) stay in tmp_path."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +124,7 @@ def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="nbretr.data"):
         for _ in range(2):
             assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape == (5, 48, 64, 3)
-    assert sum("trying PyAV" in r.getMessage() for r in caplog.records) == 1
+    assert sum("PyAV could" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(VideoDecodeError, match="simulated failure"):
         decode_frames(tmp_path / "v.mp4", backend="decord")
 
@@ -221,10 +230,15 @@ def test_synthetic_writers_read_back(tmp_path, writer):
 
 
 def test_synthetic_default_root_from_env(small_root, tmp_path, monkeypatch):
+    # a build in the old flat layout ($NBRETR_DATA/synthetic/manifest.json) is moved into
+    # its size's folder instead of being generated again
     shutil.copytree(small_root, tmp_path / "synthetic")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "synthetic" / "videos").iterdir()}
     monkeypatch.setenv("NBRETR_DATA", str(tmp_path))
-    ds = build_dataset("synthetic", None, "val", None, image_size=32, augment=True)  # its word tokenizer
-    assert ds.root == tmp_path / "synthetic" and ds.num_videos == 8
+    ds = build_dataset("synthetic", None, "val", None, image_size=32, augment=True, size="small")  # its tokenizer
+    assert ds.root == tmp_path / "synthetic" / "small" and ds.num_videos == 8
+    assert not (tmp_path / "synthetic" / "manifest.json").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (ds.root / "videos").iterdir()} == mtimes
     assert ds.preprocess.flip_p == 0.0  # captions say left/right
     item = ds[0]
     assert item["video"].shape == (12, 3, 32, 32) and item["text_mask"].sum() > 5
@@ -319,7 +333,7 @@ def test_didemo_paragraphs(tmp_path, word_tok):
             {"video": "111@N00_22_abc.avi", "description": "she laughs", "times": [[2, 3]]}]
     (root / "test_data.json").write_text(json.dumps(data))
     ds = build_dataset("didemo", root, "test", word_tok, image_size=32)
-    assert ds.video_ids == ["111@N00_22_abc", "333@N00_44_def"]
+    assert ds.video_ids == ["111@N00_22_abc.avi", "333@N00_44_def.avi"]  # as the JSON names them
     assert ds.captions == ["a girl waves she laughs", "a car passes"]
     assert ds[1]["video"].shape == (12, 3, 32, 32)
 
@@ -449,20 +463,21 @@ def test_annotation_problems_name_file_and_line(tmp_path, word_tok, caplog):
     (root / "MSRVTT_JSFUSION_test.csv").write_text(
         "key,vid_key,video_id,sentence\nr0,k0,video0,fine\nr1,k1,video9,missing video\nr2,k2\nr3,k3,video1,ok\n")
     with caplog.at_level(logging.WARNING, logger="nbretr.data"):
-        ds = build_dataset("msrvtt", root, "test", word_tok)
-    assert ds.video_ids == ["video0", "video1"] and ds.captions == ["fine", "ok"]
-    text = "\n".join(ds.annotation_problems)
-    assert "MSRVTT_JSFUSION_test.csv line 3: video video9 not found" in text
-    assert "MSRVTT_JSFUSION_test.csv line 4: malformed row" in text
-    assert any("line 3" in r.getMessage() for r in caplog.records)
-    with pytest.raises(AnnotationError, match="line 3"):
+        ds = build_dataset("msrvtt", root, "test", word_tok, allow_missing=True)
+    # the malformed row is dropped; the missing video keeps its pair (the test set stays whole)
+    assert ds.video_ids == ["video0", "video9", "video1"] and ds.captions == ["fine", "missing video", "ok"]
+    assert ds.missing_videos == ["video9"]
+    assert len(ds.annotation_problems) == 1
+    assert f"{root / 'MSRVTT_JSFUSION_test.csv'} line 4: malformed row" in ds.annotation_problems[0]
+    problems = [r.getMessage() for r in caplog.records if "annotation problem" in r.getMessage()]
+    assert len(problems) == 1 and "MSRVTT_JSFUSION_test.csv line 4: malformed row" in problems[0]
+    with pytest.raises(AnnotationError, match="line 4"):
         build_dataset("msrvtt", root, "test", word_tok, strict=True)
     (root / "test_list.txt").write_text("video0\nvideo1 extra\nvideo5\n")
     (root / "raw-captions.pkl").write_bytes(pickle.dumps({"video0": [["a"]], "video5": [["b"]]}))
-    ms = build_dataset("msvd", root, "test", word_tok)
-    assert ms.video_ids == ["video0"]
+    ms = build_dataset("msvd", root, "test", word_tok, allow_missing=True)
+    assert ms.video_ids == ["video0", "video5"] and ms.missing_videos == ["video5"]
     assert any("test_list.txt line 2: malformed line" in p for p in ms.annotation_problems)
-    assert any("test_list.txt line 3: video video5 not found" in p for p in ms.annotation_problems)
 
 
 def test_build_dataset_errors(tmp_path, word_tok):
@@ -472,3 +487,161 @@ def test_build_dataset_errors(tmp_path, word_tok):
         build_dataset("msrvtt", tmp_path, "dev", word_tok)
     with pytest.raises(FileNotFoundError, match="MSRVTT_JSFUSION_test.csv"):
         build_dataset("msrvtt", tmp_path, "test", word_tok)
+
+
+# ---------------------------------------------------------------- issue 16: what users met
+
+def _msrvtt_train_root(root: Path) -> Path:
+    _videos(root / "videos", ["video0", "video1"])
+    (root / "MSRVTT_train.9k.csv").write_text("video_id\n" + "".join(f"video{i % 2}\n" for i in range(100)))
+    return root
+
+
+def test_truncated_msrvtt_json_is_one_error_naming_the_file(tmp_path, word_tok, caplog):
+    from nbretr.runtime import is_user_error
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    sents = [{"video_id": f"video{i % 2}", "caption": f"caption {i}", "sen_id": i} for i in range(40)]
+    text = json.dumps({"videos": [], "sentences": sents})
+    (root / "MSRVTT_data.json").write_text(text[: len(text) // 2])  # an interrupted download
+    with caplog.at_level(logging.WARNING, logger="nbretr.data"):
+        with pytest.raises(AnnotationError, match=r"MSRVTT_data.json is not valid JSON.*line 1 column") as err:
+            build_dataset("msrvtt", root, "train", word_tok)
+    assert str(root / "MSRVTT_data.json") in str(err.value)
+    assert is_user_error(err.value)  # the CLI prints `prog: error: ...`, no traceback
+    assert caplog.records == []  # no "has no caption" flood before it
+
+
+def test_msrvtt_json_without_sentences_names_the_key(tmp_path, word_tok):
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": "video0"}], "info": {}}))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_data.json has no key 'sentences'.*'videos', 'info'"):
+        build_dataset("msrvtt", root, "train", word_tok)
+    (root / "MSRVTT_data.json").write_text(json.dumps([{"video_id": "video0", "caption": "x"}]))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_data.json should hold a JSON object at the top, found a list"):
+        build_dataset("msrvtt", root, "train", word_tok)
+    # every sentence malformed: one error naming the problem, not an empty training set
+    (root / "MSRVTT_data.json").write_text(json.dumps({"sentences": [{"video": "video0", "text": "x"}] * 3}))
+    with pytest.raises(AnnotationError, match=r"no \(caption, video\) pairs: 5 annotation problem\(s\), e.g. "
+                                              r".*sentences\[0\]: malformed sentence entry"):
+        build_dataset("msrvtt", root, "train", word_tok)
+
+
+@pytest.mark.parametrize("name, files", [
+    ("msvd", {"raw-captions.pkl": b"\x80\x04\x95", "test_list.txt": b"video0\n"}),
+    ("didemo", {"test_list.txt": b"video0\n", "test_data.json": b'[{"video": "video0", "descr'}),
+    ("activitynet", {"val_ids.json": b'["v_a"]', "val_1.json": b'{"v_a": {"sentences": ['}),
+])
+def test_other_truncated_annotations_are_one_error(tmp_path, word_tok, name, files):
+    root = tmp_path / name
+    _videos(root / "videos", ["video0"])
+    for fn, data in files.items():
+        (root / fn).write_bytes(data)
+    broken = next(fn for fn in files if fn.endswith((".pkl", "data.json", "val_1.json")))
+    with pytest.raises(AnnotationError, match=re.escape(str(root / broken))):
+        build_dataset(name, root, "test", word_tok)
+
+
+_BAD_VIDEO_SCRIPT = r"""
+import logging, sys
+from torch.utils.data import DataLoader
+from nbretr.data import build_dataset, collate
+from nbretr.data.synthetic import word_tokenizer
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+ds = build_dataset("msrvtt", sys.argv[1], "test", word_tokenizer(), image_size=16)
+for epoch in range(2):  # new DataLoader workers each epoch, as in nbretr.train
+    bad = [b["bad"].tolist() for b in DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate)]
+    assert bad == [[False], [True], [False]], bad
+for i in range(len(ds)):  # and in the main process too
+    ds[i]
+print("OK")
+"""
+
+
+def test_bad_video_is_warned_once_and_decoder_noise_stays_quiet(tmp_path):
+    import subprocess
+    import sys
+    root = tmp_path / "msrvtt"
+    _videos(root / "videos", ["good0", "good1"])
+    data = (root / "videos" / "good0.mp4").read_bytes()
+    (root / "videos" / "trunc.mp4").write_bytes(data[: len(data) // 2])  # no moov atom
+    (root / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nr0,k0,good0,a\nr1,k1,trunc,b\nr2,k2,good1,c\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("NBRETR_DECODER_LOG", None)
+    out = subprocess.run([sys.executable, "-c", _BAD_VIDEO_SCRIPT, str(root)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "trunc.mp4" in ln]
+    assert len(lines) == 1 and "skipping bad video" in lines[0], out.stderr
+    if "decord" in BACKENDS:
+        assert "moov atom not found" in lines[0]  # the decoder's words, in the one warning
+    assert "moov atom" not in out.stderr.replace(lines[0], "")  # and nowhere else
+    assert "ERROR opening" not in out.stderr and "video_reader.cc" not in out.stderr
+
+
+def test_synthetic_sizes_do_not_overwrite_each_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBRETR_DATA", str(tmp_path))
+    monkeypatch.setitem(synthetic.SIZES, "default", 20)  # a cheap stand-in for the 2,000 videos
+    default = synthetic.ensure(None, "default")
+    stamp = {p: p.stat().st_mtime_ns for p in default.rglob("*") if p.is_file()}
+    small = synthetic.ensure(None, "small")
+    assert default == tmp_path / "synthetic" / "default" and small == tmp_path / "synthetic" / "small"
+    assert synthetic.ensure(None, "default") == default  # found intact: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in default.rglob("*") if p.is_file()} == stamp
+    assert json.loads((default / "manifest.json").read_text())["num_videos"] == 20
+    assert json.loads((small / "manifest.json").read_text())["num_videos"] == 64
+    assert synthetic.default_root("small", 3) == tmp_path / "synthetic" / "small-seed3"
+
+
+def test_concurrent_first_use_builds_the_synthetic_set_once(tmp_path):
+    # torchrun ranks (or two commands) starting together on a fresh machine
+    import subprocess
+    import sys
+    env = dict(os.environ, NBRETR_DATA=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("import logging, sys; from nbretr.data import build_dataset; logging.basicConfig(level=logging.INFO); "
+            "ds = build_dataset('synthetic', None, 'train', None, size='small', image_size=32); "
+            "print(ds.root, len(ds))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    for out, err, rc in outs:
+        assert rc == 0, err
+        assert out.split() == [str(tmp_path / "synthetic" / "small"), "48"]
+    root = tmp_path / "synthetic" / "small"
+    assert synthetic.check(root, "full") == []
+    assert sorted(p.name for p in (root / "videos").iterdir()) == [f"{i:05d}.mp4" for i in range(64)]
+    assert sum("video(s) written" in err for _, err, _ in outs) == 1, outs  # generated by one of them
+
+
+def test_a_second_builder_waits_for_the_lock_holder(tmp_path):
+    import subprocess
+    import sys
+    import time
+    root = tmp_path / "synthetic" / "small"
+    env = dict(os.environ, NBRETR_DATA=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log_file = tmp_path / "stderr.txt"
+    with synthetic.build_lock(root), open(log_file, "w") as err:  # as if another process were generating it
+        p = subprocess.Popen([sys.executable, "-m", "nbretr.data.synthetic", "--size", "small"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while "waiting" not in log_file.read_text() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        assert p.poll() is None, log_file.read_text()  # blocked on the lock ...
+        assert not (root / "videos").exists() or not any((root / "videos").iterdir())  # ... writing nothing
+    assert p.wait(timeout=300) == 0, log_file.read_text()
+    assert "another process is building it; waiting" in log_file.read_text()
+    assert synthetic.check(root, "full") == []
+
+
+def test_train_cli_names_the_broken_annotation_file(tmp_path, capsys, monkeypatch):
+    from nbretr import train as T
+    from nbretr.runtime import run_cli
+    root = _msrvtt_train_root(tmp_path / "msrvtt")
+    (root / "MSRVTT_data.json").write_text('{"videos": [], "sentences": [{"video_id": "video0", "capt')
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(T.main, "prog", ["--dataset", "msrvtt", "--data-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[0].startswith(f"prog: error: msrvtt: {root / 'MSRVTT_data.json'} is not valid JSON"), err
+    assert "has no caption" not in err and "batch-size" not in err and "Traceback" not in err

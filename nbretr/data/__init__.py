@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from nbretr.data.activitynet import ActivityNet
-from nbretr.data.base import AnnotationError, VideoRecord, VideoTextDataset, log_bad_summary
+from nbretr.data._layout import AnnotationError, MissingVideosError
+from nbretr.data.base import VideoRecord, VideoTextDataset, log_bad_summary
 from nbretr.data.decoding import Preprocess, VideoDecodeError, decode_frames, sample_indices
 from nbretr.data.didemo import DiDeMo
 from nbretr.data.images import COCO, Flickr30K
@@ -41,10 +42,14 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, tokeniz
     """The ``split`` ("train"|"val"|"test") of dataset ``name`` (one of :data:`DATASETS`)
     read from ``root``. Items are dicts (see :class:`VideoTextDataset`). Extra options:
     ``augment`` (random resized crop + flip, off by default), ``flip_p``, ``backend``
-    ("auto"|"decord"|"pyav"), ``video_dir``; per layout: msrvtt ``train_list`` ("9k"|"7k"),
-    coco ``test_size`` ("5k"|"1k"), coco/flickr30k ``image_root``, ``annotation``; synthetic
-    ``size``, ``seed`` (root None: ``data/synthetic`` or ``$NBRETR_DATA/synthetic``; the
-    tokenizer may be None for its word tokenizer)."""
+    ("auto"|"decord"|"pyav"), ``video_dir`` (the video folder, absolute or under root;
+    searched recursively); missing videos: ``allow_missing``, ``max_missing`` (0.01),
+    ``keep_missing`` (default: test/val keep, train drops), ``missing_list`` (file for their
+    ids); ``repeated_ids`` ("once"|"repeat"); per layout: msrvtt ``train_list`` ("9k"|"7k"),
+    didemo ``didemo_window`` ((0, 31) | None), coco ``test_size`` ("5k"|"1k"), coco/flickr30k
+    ``image_root``, ``annotation``; synthetic ``size``, ``seed`` (root None:
+    ``data/synthetic/<size>`` or ``$NBRETR_DATA/synthetic/<size>``; the tokenizer may be None
+    for its word tokenizer). See docs/data.md."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -78,5 +83,6 @@ def collate(batch: list[dict]) -> dict:
 
 
 __all__ = ["build_dataset", "collate", "DATASETS", "VideoTextDataset", "VideoRecord", "AnnotationError",
+           "MissingVideosError",
            "VideoDecodeError", "decode_frames", "sample_indices", "Preprocess", "log_bad_summary",
            "SyntheticDataset", "MSRVTT", "MSVD", "DiDeMo", "ActivityNet", "COCO", "Flickr30K"]

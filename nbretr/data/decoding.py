@@ -10,13 +10,20 @@ more than one clip's sampled frames.
 Backends: decord (preferred) and PyAV (used when decord is not installed, or for a file
 decord cannot open). The choice is made automatically and logged once per process.
 Every decoding failure surfaces as :class:`VideoDecodeError` with the file and a short
-reason, never as a raw decoder trace.
+reason, never as a raw decoder trace. The decoders' own messages (FFmpeg's ``moov atom not
+found``, decord's ``ERROR opening``), which they write straight to the process's stderr,
+are caught while a file is opened and decoded and kept for the error's detail instead of
+reaching the terminal; ``NBRETR_DECODER_LOG=1`` lets them through.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,11 @@ log = logging.getLogger("nbretr.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv")
+# Container extensions recognised as videos (stripped from ids, preferred when indexing a
+# folder); a file with another extension is still a candidate (see nbretr.data._layout).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".3g2", ".flv",
+                    ".wmv", ".asf", ".ogv", ".ogg", ".ts", ".m2ts", ".mts", ".vob", ".divx", ".f4v", ".qt",
+                    ".rm", ".rmvb", ".mxf", ".dv", ".m2v", ".mod", ".nut", ".y4m")
 _SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
 _BIAS = -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -55,6 +66,72 @@ def _report_once(key: str, msg: str, *args, level: int = logging.INFO) -> None:
     if key not in _reported:
         _reported.add(key)
         log.log(level, msg, *args)
+
+
+_quiet_lock = threading.Lock()
+_quiet_state = {"depth": 0, "saved": -1, "sink": None}
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send what C libraries write to file descriptor 2 to a temporary file while inside;
+    yields a list that receives the caught text (when this is the only thread inside).
+    Nested and concurrent uses share one redirection (reference-counted). A no-op with
+    ``NBRETR_DECODER_LOG=1`` or when fd 2 cannot be redirected."""
+    caught: list[str] = []
+    if os.environ.get("NBRETR_DECODER_LOG", "") not in ("", "0"):
+        yield caught
+        return
+    with _quiet_lock:
+        st = _quiet_state
+        if st["depth"] == 0:
+            try:
+                sys.stderr.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+            sink = saved = None
+            try:
+                sink = tempfile.TemporaryFile()
+                saved = os.dup(2)
+                os.dup2(sink.fileno(), 2)
+                st["saved"], st["sink"] = saved, sink
+            except OSError:  # no fd 2 (a daemon), no temp space: let the noise through
+                if saved is not None:
+                    os.close(saved)
+                if sink is not None:
+                    sink.close()
+                sink = None
+        else:
+            sink = st["sink"]
+        if sink is not None:
+            st["depth"] += 1
+            start = os.lseek(sink.fileno(), 0, os.SEEK_END)
+    if sink is None:
+        yield caught
+        return
+    try:
+        yield caught
+    finally:
+        with _quiet_lock:
+            st = _quiet_state
+            end = os.lseek(sink.fileno(), 0, os.SEEK_END)
+            if st["depth"] == 1 and end > start:
+                caught.append(os.pread(sink.fileno(), min(end - start, 4096), start).decode("utf-8", "replace"))
+            st["depth"] -= 1
+            if st["depth"] == 0:
+                os.dup2(st["saved"], 2)
+                os.close(st["saved"])
+                st["sink"].close()
+                st["saved"], st["sink"] = -1, None
+
+
+def _decoder_said(caught: list[str]) -> str:
+    """The decoder's own first meaningful line (e.g. FFmpeg's ``moov atom not found``)."""
+    for line in "".join(caught).splitlines():
+        line = line.strip()
+        if line:
+            return line.split("] ", 1)[-1][:160] if line.startswith("[") else line[:160]
+    return ""
 
 
 def _have_decord() -> bool:
@@ -113,6 +190,19 @@ def sample_indices(num_frames: int, fps: float, max_frames: int, framerate: floa
 
 
 def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+    failure = None
+    with quiet_stderr() as caught:
+        try:
+            return _decode_decord_inner(path, max_frames, framerate, start, end)
+        except VideoDecodeError as err:
+            failure = err
+    said = _decoder_said(caught)
+    if said and said not in failure.detail:
+        failure = VideoDecodeError(failure.path, failure.reason, f"{failure.detail} ({said})")
+    raise failure
+
+
+def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
     import decord
     try:
         vr = decord.VideoReader(path, num_threads=1)
@@ -133,6 +223,11 @@ def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> 
 
 
 def _decode_pyav(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+    with quiet_stderr():
+        return _decode_pyav_inner(path, max_frames, framerate, start, end)
+
+
+def _decode_pyav_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
     import av
     try:
         container = av.open(path)
@@ -211,12 +306,14 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
         except VideoDecodeError as err:
             if backend == "decord" or not _have_av():
                 raise
-            _report_once("fallback", "nbretr.data: decord could not open %s (%s); trying PyAV for "
-                         "such files", path, err.detail)
             try:
-                return _decode_pyav(path, max_frames, framerate, start, end)
-            except VideoDecodeError as err2:
+                frames = _decode_pyav(path, max_frames, framerate, start, end)
+            except VideoDecodeError as err2:  # bad for both: one error (the caller warns once)
                 raise VideoDecodeError(path, err2.reason, f"{err.detail}; {err2.detail}") from None
+            # said once per process, and only when it helps (PyAV read what decord could not)
+            _report_once("fallback", "nbretr.data: decord could not open %s (%s); PyAV could, and is tried "
+                         "for such files", path, err.detail)
+            return frames
     if not _have_av():
         raise RuntimeError("no video decoding backend: install decord or av (pip install 'nbretr[data]')")
     if backend == "auto":
@@ -300,37 +397,8 @@ def pad_frames(frames: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, tor
     return video, mask
 
 
-def find_video(folder: str | os.PathLike, video_id: str, index: dict[str, Path] | None = None) -> Path | None:
-    """The file for ``video_id`` in ``folder`` (any known video extension; ``index`` from
-    :func:`index_folder` avoids one stat per extension)."""
-    stem = strip_video_ext(video_id)
-    if index is not None:
-        return index.get(stem)
-    for ext in VIDEO_EXTENSIONS:
-        p = Path(folder) / f"{stem}{ext}"
-        if p.exists():
-            return p
-    return None
-
-
 def strip_video_ext(name: str) -> str:
-    low = name.lower()
-    for ext in VIDEO_EXTENSIONS:
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def index_folder(folder: str | os.PathLike) -> dict[str, Path]:
-    """Map file stem -> path for every video file directly inside ``folder`` (one scandir)."""
-    out: dict[str, Path] = {}
-    try:
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.lower().endswith(VIDEO_EXTENSIONS):
-                    stem = strip_video_ext(e.name)
-                    if stem not in out or e.name.lower().endswith(".mp4"):
-                        out[stem] = Path(e.path)
-    except FileNotFoundError:
-        pass
-    return out
+    """``name`` without its last extension when that is a video container's
+    (:data:`VIDEO_EXTENSIONS`, any case): ``X.mov.mp4`` -> ``X.mov``, ``vid`` -> ``vid``."""
+    root, ext = os.path.splitext(name)
+    return root if root and ext.lower() in VIDEO_EXTENSIONS else name

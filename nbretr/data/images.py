@@ -7,13 +7,14 @@ Karpathy's split layout.
 ``<filepath>/<filename>``, ``images/<filepath>/<filename>``, ``images/<filename>``,
 ``flickr30k-images/<filename>`` or ``<filename>``. The first ``captions_per_image`` (5)
 captions of each image are its items. Train = train + restval; test: COCO 5k (option
-``test_size="1k"``: the first 1,000 test images), Flickr30K 1k. Use ``max_frames=1``.
+``test_size="1k"``: the first 1,000 test images), Flickr30K 1k. Use ``max_frames=1``. An
+image not found is a missing video (see :class:`~nbretr.data.base.VideoTextDataset`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from nbretr.data._layout import read_json
+from nbretr.data._layout import need_key, read_json
 from nbretr.data.base import VideoRecord, VideoTextDataset
 
 
@@ -31,13 +32,15 @@ class KarpathyImages(VideoTextDataset):
 
     def _read(self):
         ann = Path(self._options.get("annotation") or self.root / self.annotation)
-        data = read_json(self, ann) or {}
+        images = need_key(self, ann, read_json(self, ann, dict), "images", list)
+        self.video_folder = Path(self._options["image_root"]) if self._options.get("image_root") else self.root
+        self.video_pattern = "<filepath>/<filename> (or images/..., flickr30k-images/<filename>)"
         want = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[self.split]
         n_caps = int(self._options.get("captions_per_image", 5))
         limit = {"1k": 1000, "5k": 5000}.get(self._options.get("test_size", "5k"))
         videos, pairs = [], []
         pattern: int | None = None  # which candidate layout matched: tried first for the rest
-        for k, img in enumerate(data.get("images", [])):
+        for k, img in enumerate(images):
             if not isinstance(img, dict) or not isinstance(img.get("filename"), str) \
                     or not isinstance(img.get("sentences"), list):
                 self._problem(ann, f"images[{k}]", f"malformed image entry {str(img)[:120]}")
@@ -54,12 +57,12 @@ class KarpathyImages(VideoTextDataset):
             cands = self._candidates(img)
             order = ([pattern] if pattern is not None else []) + [i for i in range(len(cands)) if i != pattern]
             hit = next((i for i in order if cands[i].is_file()), None)
-            if hit is None:
-                self._problem(ann, f"images[{k}]", f"image {img['filename']} not found (looked at {cands[0]})")
-                continue
-            pattern = hit
             vi = len(videos)
-            videos.append(VideoRecord(Path(img["filename"]).stem, cands[hit]))
+            if hit is None:
+                videos.append(VideoRecord(Path(img["filename"]).stem, cands[0], missing=True))
+            else:
+                pattern = hit
+                videos.append(VideoRecord(Path(img["filename"]).stem, cands[hit]))
             pairs += [(c, vi) for c in caps]
         return videos, pairs
 

@@ -16,21 +16,26 @@ circle, cyan triangle); every colour and every shape still occurs in training. V
 goes to test if i % 8 == 0, val if i % 8 == 1, else train (12.5% / 12.5% / 75%).
 
 Sizes: "default" 2,000 videos (1,500 / 250 / 250), "small" 64 (48 / 8 / 8) for tests.
-Cached under ``root`` (``data/synthetic``, or ``$NBRETR_DATA/synthetic``) with a
+Cached under ``root`` (by default one folder per size, ``data/synthetic/<size>``, or
+``$NBRETR_DATA/synthetic/<size>``; ``<size>-seed<N>`` for a seed other than 0) with a
 ``manifest.json`` that records every file's size and CRC-32; :func:`build` checks sizes
 (cheap; ``verify="full"`` also checksums) and regenerates only missing or corrupt files.
+Generation holds an exclusive lock on ``<root>.lock`` beside the folder: processes that
+start together (torchrun ranks, two commands) wait for the first and then reuse its build.
 
 Command: ``python -m nbretr.data.synthetic [--root DIR] [--size default|small] [--seed N]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import sys
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -64,9 +69,42 @@ TEMPLATES = (
 )
 
 
-def default_root() -> Path:
+def base_root() -> Path:
+    """``$NBRETR_DATA/synthetic`` or ``data/synthetic``: the folder holding one build per size."""
     base = os.environ.get("NBRETR_DATA")
     return Path(base) / "synthetic" if base else Path("data") / "synthetic"
+
+
+def default_root(size: str = "default", seed: int = 0) -> Path:
+    """The default folder of the build of ``size`` and ``seed``: ``<base>/<size>`` (seed 0)
+    or ``<base>/<size>-seed<seed>`` (see :func:`base_root`), so that sizes and seeds never
+    overwrite each other."""
+    return base_root() / (size if int(seed) == 0 else f"{size}-seed{int(seed)}")
+
+
+@contextlib.contextmanager
+def build_lock(root: Path):
+    """Hold an exclusive ``flock`` on ``<root>.lock`` (beside the dataset folder); logs once
+    when it has to wait for another process. A no-op where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock (one process at a time is the user's business)
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root.with_name(root.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("synthetic dataset %s: another process is building it; waiting", root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _split_of(i: int) -> str:
@@ -152,7 +190,17 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "a
             writer = "pyav"
         except ImportError:
             writer = "imageio"
-    tmp = path.with_name(path.stem + ".tmp.mp4")
+    # unique per process and call: concurrent writers never share a temp file
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.mp4")
+    try:
+        _write(tmp, frames, fps, writer)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write(tmp: Path, frames: np.ndarray, fps: float, writer: str) -> None:
     if writer == "pyav":
         import av
 
@@ -178,7 +226,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "a
             w.close()
     else:
         raise ValueError(f"writer must be 'auto', 'pyav' or 'imageio', got {writer!r}")
-    os.replace(tmp, path)
 
 
 def _crc(path: Path) -> int:
@@ -225,29 +272,49 @@ def check(root: str | os.PathLike, verify: str = "size") -> list[str]:
     return bad
 
 
+def _intact(root: Path, params: dict, verify: str) -> tuple[dict | None, set[str]]:
+    """``(manifest, ids to regenerate)``; manifest None when there is none for ``params``."""
+    old = _read_manifest(root)
+    if old is None or {k: old.get(k) for k in params} != params:
+        return None, set()
+    return old, set(check(root, verify))
+
+
 def build(root: str | os.PathLike | None = None, size: str = "default", seed: int = 0, *, workers: int = 2,
           verify: str = "size", progress: bool | None = None, writer: str = "auto") -> Path:
-    """Generate the embedded dataset in ``root`` (or reuse it when its manifest matches
-    ``size``/``seed`` and every file checks out), regenerating only missing or corrupt
-    videos. Returns the folder. ``workers``: processes for encoding (a Pool of 2 by default);
-    ``writer``: see :func:`write_mp4` ("imageio" for byte-identical rebuilds, 10x slower).
+    """Generate the embedded dataset in ``root`` (default :func:`default_root` of ``size``
+    and ``seed``), or reuse it when its manifest matches ``size``/``seed`` and every file
+    checks out, regenerating only missing or corrupt videos. Returns the folder. Generation
+    runs under :func:`build_lock`, so concurrent callers build once. ``workers``: processes
+    for encoding (a Pool of 2 by default); ``writer``: see :func:`write_mp4` ("imageio" for
+    byte-identical rebuilds, 10x slower).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    root = Path(root) if root is not None else default_root()
+    root = Path(root) if root is not None else default_root(size, seed)
     params = _params(size, seed)
-    specs = [video_spec(i, seed) for i in range(params["num_videos"])]
-    old = _read_manifest(root)
-    done: dict[str, dict] = {}
-    if old is not None and {k: old.get(k) for k in params} == params:
-        bad = set(check(root, verify))
-        done = {v["id"]: v for v in old["videos"] if v["id"] not in bad}
-        if not bad:
+    old, bad = _intact(root, params, verify)
+    if old is not None and not bad:  # the usual case: no lock needed to read a complete build
+        return root
+    with build_lock(root):
+        old, bad = _intact(root, params, verify)  # another process may have built it meanwhile
+        if old is not None and not bad:
             return root
+        return _generate(root, size, seed, params, old, bad, workers, progress, writer)
+
+
+def _generate(root: Path, size: str, seed: int, params: dict, old: dict | None, bad: set[str], workers: int,
+              progress: bool | None, writer: str) -> Path:
+    specs = [video_spec(i, seed) for i in range(params["num_videos"])]
+    done: dict[str, dict] = {}
+    if old is not None:
+        done = {v["id"]: v for v in old["videos"] if v["id"] not in bad}
         log.warning("synthetic dataset %s: %d missing or corrupt video(s), regenerating them", root, len(bad))
-    elif old is not None:
+    elif _read_manifest(root) is not None:
         log.info("synthetic dataset %s was built with other settings; regenerating", root)
     (root / "videos").mkdir(parents=True, exist_ok=True)
+    for stale in (root / "videos").glob("*.tmp.mp4"):  # left by a killed writer (we hold the lock)
+        stale.unlink(missing_ok=True)
     mpath = root / "manifest.json"
     if mpath.exists():
         mpath.unlink()  # incomplete until rewritten
@@ -279,17 +346,45 @@ def build(root: str | os.PathLike | None = None, size: str = "default", seed: in
             e["bytes"], e["crc32"] = done[s["id"]]["bytes"], done[s["id"]]["crc32"]
         entries.append(e)
     manifest = dict(params, complete=True, generated_s=round(time.perf_counter() - t0, 2), videos=entries)
-    tmp = mpath.with_suffix(".tmp")
+    tmp = mpath.with_name(f".manifest.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(manifest, indent=0))
     os.replace(tmp, mpath)
     log.info("synthetic dataset %s: %d video(s) written in %.1f s", root, len(todo), manifest["generated_s"])
     return root
 
 
+def _adopt_flat_build(size: str, seed: int) -> None:
+    """Move a build made before sizes had their own folders (``<base>/manifest.json`` and
+    ``<base>/videos``) into ``<base>/<size>`` when it is that size and seed and that folder
+    has no build yet, so that it is not generated again."""
+    base, target = base_root(), default_root(size, seed)
+    flat = _read_manifest(base)
+    if flat is None or flat.get("size") != size or flat.get("seed") != seed or _read_manifest(target) is not None:
+        return
+    with build_lock(target):
+        flat = _read_manifest(base)
+        if flat is None or flat.get("size") != size or flat.get("seed") != seed or not (base / "videos").is_dir() \
+                or _read_manifest(target) is not None:
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        if (target / "videos").exists():
+            return
+        os.replace(base / "videos", target / "videos")
+        os.replace(base / "manifest.json", target / "manifest.json")
+        log.info("synthetic dataset: moved the %s build from %s to %s", size, base, target)
+
+
 def ensure(root: str | os.PathLike | None = None, size: str | None = None, seed: int | None = None) -> Path:
-    """``root`` ready to read: with ``size``/``seed`` None, any complete valid build is
-    accepted (missing or corrupt files regenerated); otherwise as :func:`build`."""
-    root = Path(root) if root is not None else default_root()
+    """A folder ready to read. ``root`` None: :func:`default_root` of ``size`` ("default")
+    and ``seed`` (0), built if needed. An explicit ``root`` with ``size``/``seed`` None:
+    any complete valid build there is accepted (missing or corrupt files regenerated);
+    otherwise as :func:`build`."""
+    if root is None:
+        size, seed = size or "default", 0 if seed is None else int(seed)
+        if size in SIZES:
+            _adopt_flat_build(size, seed)
+        return build(None, size, seed)
+    root = Path(root)
     m = _read_manifest(root)
     if m is not None and size is None and seed is None and m.get("size") in SIZES and m.get("version") == VERSION:
         return build(root, m["size"], m["seed"])
@@ -338,7 +433,8 @@ def word_tokenizer(root: str | os.PathLike | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nbretr.data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default=None, help="folder (default data/synthetic, or $NBRETR_DATA/synthetic)")
+    p.add_argument("--root", default=None,
+                   help="folder (default data/synthetic/<size>, or $NBRETR_DATA/synthetic/<size>)")
     p.add_argument("--size", default="default", choices=sorted(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
@@ -348,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
+    if a.root is None:
+        _adopt_flat_build(a.size, a.seed)
     root = build(a.root, a.size, a.seed, workers=a.workers, verify=a.verify, progress=True, writer=a.writer)
     m = _read_manifest(root)
     n = {s: sum(v["split"] == s for v in m["videos"]) for s in ("train", "val", "test")}
