@@ -27,8 +27,14 @@ class TrainConfig(NeighborRetrConfig):
     """A run's options: every field of the model's :class:`NeighborRetrConfig` (the method's
     losses, the architecture, the tiny CLIP; METHOD.md defaults, declared once there) and
     the data, optimisation and run fields below. A few model fields get run defaults here:
-    ``image_size`` (None: 224 with CLIP, the synthetic frame size otherwise), ``backend`` and
-    ``gather_reduce_grads``; ``vocab_size`` is taken from the tokenizer."""
+    ``image_size`` (None: 224 with CLIP, the synthetic frame size otherwise), ``backend``;
+    ``cluster_mlp``, ``gather_reduce_grads`` and ``grad_world_size`` come from the recipe
+    (:data:`RECIPES`); ``vocab_size`` is taken from the tokenizer. Fields that default to
+    None here are filled by the recipe and the dataset's values (:func:`resolve_config`)."""
+    # recipe: which training pipeline (docs/recipes.md); None: reference on the standard
+    # datasets, nbretr (with the "embedded" preset) on the embedded dataset
+    recipe: str | None = None
+    preset: str | None = None              # "embedded" or "none"; None: embedded on the synthetic set
     # data
     dataset: str = "synthetic"
     data_root: str | None = None          # default: $NBRETR_DATA or data/synthetic
@@ -40,7 +46,14 @@ class TrainConfig(NeighborRetrConfig):
     strict_data: bool = False
     video_dir: str | None = None           # video folder (absolute or under data_root; searched recursively)
     allow_missing: bool = False            # go on when over 1% of a split's videos are missing
+    frame_sampling: str | None = None      # first (the released code) | uniform
+    didemo_window: str = "0,31"            # DiDeMo: seconds sampled, "first,last" (the released code's
+                                           # 0,31) or "whole"
+    augment: str | None = None             # randaugment (the released code, training videos) | none
     # model
+    cluster_mlp: bool | None = None        # the released TCBlock has none (False)
+    clip_weights: str | None = None        # auto (fp16 on CUDA, the released code) | fp16 | fp32
+    freeze_patch_embed: bool | None = None # the released code freezes CLIP's patch-embedding conv
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives
     # memory bank: batches encoded into the bank before training (the reference's mb_batch)
@@ -54,6 +67,9 @@ class TrainConfig(NeighborRetrConfig):
     weight_decay: float = 0.2
     warmup_proportion: float = 0.1
     optimizer: str = "bertadam"
+    decay_exempt: str | None = None        # bias (the released code) | 1d
+    reshuffle: bool | None = None          # a new order each epoch (the released loader: never)
+    sampler: str | None = None             # reference (DistributedSampler batches) | nbretr
     max_grad_norm: float = 1.0
     amp: str = "auto"                      # auto (bf16 on GPU, off on CPU), bf16, fp16, off
     max_steps: int | None = None           # stop after this many steps (tests, smoke runs)
@@ -65,14 +81,22 @@ class TrainConfig(NeighborRetrConfig):
     log_every: int = 10
     eval_k: int = 10                       # k of the hubness report
     do_eval: bool = True
+    eval_every: int | None = None          # steps between evaluations during training (0: at the end only)
+    eval_protocol: str | None = None       # best-of-test (the released code) | held-out
+    v2t_ranking: str | None = None         # best-caption (the released code) | per-caption
+    print_config: bool = False             # print the resolved options as YAML and exit
     device: str = "auto"
-    gather_reduce_grads: bool = True       # all-gather backward sums over ranks: DDP gradients equal
+    gather_reduce_grads: bool | None = None  # all-gather backward sums over ranks: DDP gradients equal
                                            # one process's (False: the reference's local slice, 1/W)
     backend: str = "auto"                  # nbretr.ops backend for the whole run (default: $NBRETR_BACKEND or auto)
 
     def model_config(self, **overrides: Any) -> NeighborRetrConfig:
         """The model's part of this configuration (``overrides`` replace fields)."""
+        model_defaults = NeighborRetrConfig()
         values = {f.name: getattr(self, f.name) for f in fields(NeighborRetrConfig)}
+        for name, v in values.items():  # a recipe field left unset: the model's own default
+            if v is None and name in RECIPE_FIELDS:
+                values[name] = getattr(model_defaults, name)
         values.update(overrides)
         return NeighborRetrConfig(**values)
 
@@ -92,6 +116,79 @@ EMBEDDED_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+STANDARD_DATASETS = ("msrvtt", "msvd", "didemo", "activitynet", "coco", "flickr30k")
+
+# The two training pipelines (docs/recipes.md has the table with the reasons). "reference"
+# reproduces the released NeighborRetr code; "nbretr" is the corrected pipeline.
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": dict(
+        frame_sampling="first", augment="none", cluster_mlp=False, clip_weights="auto",
+        freeze_patch_embed=True, reshuffle=False, sampler="reference", gather_reduce_grads=False,
+        decay_exempt="bias", eval_every=150, eval_protocol="best-of-test", v2t_ranking="best-caption",
+        amp="off",
+    ),
+    "nbretr": dict(
+        frame_sampling="uniform", augment="randaugment", cluster_mlp=False, clip_weights="fp32",
+        freeze_patch_embed=True, reshuffle=True, sampler="nbretr", gather_reduce_grads=True,
+        decay_exempt="1d", eval_every=0, eval_protocol="held-out", v2t_ranking="per-caption",
+        amp="auto",
+    ),
+}
+
+# Per-dataset values of the released commands (its README: MSR-VTT on 4 GPUs, ActivityNet
+# on 8); other datasets have no released command and take the parser's defaults. The
+# process count is the reference's: its gradient scale (recipe reference) and its batches.
+# The released code augments MSR-VTT's training videos only (its other loaders never tell
+# the frame extractor that they read the training split): recipe reference follows that.
+REFERENCE_DATASET_VALUES: dict[str, dict[str, Any]] = {"msrvtt": dict(augment="randaugment")}
+DATASET_VALUES: dict[str, dict[str, Any]] = {
+    "msrvtt": dict(batch_size=128, epochs=5, mb_batch=15, max_words=24, max_frames=12),
+    "activitynet": dict(batch_size=128, epochs=10, mb_batch=15, max_words=64, max_frames=64),
+}
+REFERENCE_PROCESSES: dict[str, int] = {"msrvtt": 4, "activitynet": 8}
+
+# The embedded preset: the nbretr pipeline with the values above for the tiny model on 2
+# CPU cores, and the pipeline choices it was measured with (no RandAugment: its 32-pixel
+# clips are drawn, and their captions name directions; the clustering MLP on; the random
+# tiny CLIP's patch embedding trained).
+EMBEDDED_PIPELINE: dict[str, Any] = dict(augment="none", cluster_mlp=True, freeze_patch_embed=False)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": tuple(RECIPES), "preset": ("embedded", "none"), "frame_sampling": ("first", "uniform"),
+    "augment": ("randaugment", "none"), "clip_weights": ("auto", "fp16", "fp32"),
+    "sampler": ("reference", "nbretr"), "decay_exempt": ("bias", "1d"),
+    "eval_protocol": ("best-of-test", "held-out"), "v2t_ranking": ("best-caption", "per-caption"),
+}
+
+
+def dataset_key(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "")
+
+
+def recipe_values(dataset: str, recipe: str | None, preset: str | None) -> tuple[str, str, dict[str, Any]]:
+    """``(recipe, preset, values)`` for ``dataset``: the recipe's pipeline, then the
+    dataset's released values (or the embedded preset)."""
+    key = dataset_key(dataset)
+    if recipe is None:
+        recipe = "nbretr" if key == "synthetic" else "reference"
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    if preset is None:
+        preset = "embedded" if key == "synthetic" else "none"
+    if preset not in CHOICES["preset"]:
+        raise ValueError(f"--preset must be one of {CHOICES['preset']}, got {preset!r}")
+    values = dict(RECIPES[recipe])
+    values.update(DATASET_VALUES.get(key, {}))
+    if recipe == "reference":
+        values.update(REFERENCE_DATASET_VALUES.get(key, {}))
+        if key in REFERENCE_PROCESSES:
+            values["grad_world_size"] = REFERENCE_PROCESSES[key]
+    if preset == "embedded":
+        values.update(EMBEDDED_PIPELINE)
+        values.update(EMBEDDED_DEFAULTS)
+    return recipe, preset, values
+
+
 def _parse_bool(v: str) -> bool:
     s = str(v).lower()
     if s in ("1", "true", "yes", "on"):
@@ -102,6 +199,7 @@ def _parse_bool(v: str) -> bool:
 
 
 DERIVED = {"vocab_size"}  # set by the run (from the tokenizer), not an option
+RECIPE_FIELDS = {k for v in RECIPES.values() for k in v} | {"grad_world_size", "recipe", "preset"}
 
 
 def _arg_type(hint: Any):
@@ -120,12 +218,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        if isinstance(default, bool):
+        shown = "set by the recipe" if default is None and f.name in RECIPE_FIELDS else default
+        if f.name in CHOICES:
+            shown = f"{shown}; one of {', '.join(CHOICES[f.name])}"
+        if isinstance(default, bool) or bool in typing.get_args(hints[f.name]):
             p.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
-                           help=f"(default {default})")
+                           help=f"(default {shown})")
         else:
             typ = _arg_type(hints[f.name])
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {default})")
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {shown})")
             if "_" in f.name:  # the reference's spelling too (--batch_size)
                 p.add_argument("--" + f.name, dest=f.name, type=typ, default=None, help=argparse.SUPPRESS)
     return p
@@ -194,9 +295,12 @@ def resolve_config(args: argparse.Namespace, resumed: dict[str, Any] | None = No
         values.update({k: v for k, v in given.items() if k in RESUME_MUTABLE})
     else:
         dataset = given.get("dataset", TrainConfig.dataset)
-        if dataset == "synthetic":
-            values.update(EMBEDDED_DEFAULTS)
+        recipe, preset, preset_values = recipe_values(dataset, given.get("recipe"), given.get("preset"))
+        values.update(preset_values)
         values.update(given)
+        values.update(recipe=recipe, preset=preset)
+        if values.get("gather_reduce_grads") and "grad_world_size" not in given:
+            values.pop("grad_world_size", None)  # the emulated scale belongs to the local-slice gather
     if "backend" not in given and os.environ.get("NBRETR_BACKEND"):
         values["backend"] = os.environ["NBRETR_BACKEND"]
         if values["backend"] not in ("auto", "ext", "torch"):
@@ -214,6 +318,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.mb_batch >= 0, "--mb-batch must be >= 0"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}"),
         (cfg.backend in ("auto", "ext", "torch"), f"--backend must be auto, ext or torch, got {cfg.backend!r}"),
+        (cfg.eval_every is None or cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
         (cfg.clip == "tiny" or cfg.clip_path is not None,
          f"--clip {cfg.clip} needs --clip-path (a local HF CLIP folder or OpenAI .pt archive; nothing is downloaded)"),
         (cfg.clip != "tiny" or cfg.clip_path is None,
@@ -225,6 +330,10 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.backend == "ext":
         from nbretr import _ext
         if not _ext.ext_loaded():
@@ -232,5 +341,11 @@ def validate(cfg: TrainConfig) -> None:
                              f"({_ext.ext_unavailable_reason()}); use --backend auto or torch")
 
 
+def to_yaml(cfg: TrainConfig) -> str:
+    values = cfg.to_dict()
+    values.pop("print_config", None)
+    return yaml.safe_dump(values, sort_keys=False)
+
+
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(to_yaml(cfg))

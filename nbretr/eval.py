@@ -37,6 +37,9 @@ log = logging.getLogger("nbretr")
 CORRECTIONS = ("qbnorm", "dbnorm", "nnn", "csls", "dsl")
 
 
+V2T_RANKINGS = ("best-caption", "per-caption")
+
+
 @dataclass
 class CorrectionParams:
     """Every parameter of the inference-time hubness corrections; the defaults are the
@@ -117,6 +120,30 @@ def wti_score_fn(q, g, *, q_is_text: bool):
 
 
 # -- evaluation ------------------------------------------------------------------------------
+
+def best_caption_score_fn(vids, texts, c2v: torch.Tensor):
+    """score_fn for video->text ranked over *videos*, as the released code does for
+    multi-caption sets: the score of gallery video g for query video v is the best score of
+    g's captions, max_{c of g} s(c, v); the target of v is v itself."""
+    c2v = torch.as_tensor(c2v, dtype=torch.long)
+    order = torch.argsort(c2v, stable=True)            # captions grouped by video
+    sorted_v = c2v[order]
+
+    def fn(qs: slice, gs: slice) -> torch.Tensor:
+        lo = int(torch.searchsorted(sorted_v, gs.start))
+        hi = int(torch.searchsorted(sorted_v, gs.stop))
+        sel = order[lo:hi]
+        q = tuple(x[qs] for x in vids)
+        nq, ng = q[0].shape[0], gs.stop - gs.start
+        out = torch.full((nq, ng), float("-inf"), device=vids[0].device)
+        if len(sel):
+            t = tuple(x[sel.to(x.device)] for x in texts)
+            s = ops.wti_similarity(*t, *q).t().float()       # [q, captions of the block]
+            col = (c2v[sel] - gs.start).to(out.device).unsqueeze(0).expand(nq, -1)
+            out.scatter_reduce_(1, col, s, reduce="amax", include_self=True)
+        return out
+    return fn
+
 
 def hubness_note(counts: torch.Tensor, k: int, num_g: int) -> str | None:
     """Why the hubness measures are undefined (NaN) for these k-occurrences, or None."""
@@ -205,13 +232,26 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     t2v_fn = wti_score_fn(texts, vids, q_is_text=True)
     v2t_fn = wti_score_fn(vids, texts, q_is_text=False)
 
+    v2t_ranking = getattr(cfg, "v2t_ranking", None) or "per-caption"
+    if v2t_ranking not in V2T_RANKINGS:
+        raise ValueError(f"v2t_ranking must be one of {V2T_RANKINGS}, got {v2t_ranking!r}")
     t2v = _rank_direction(t2v_fn, n_t, n_v, t2v_targets, k_t2v, dist_, q_chunk=q_chunk, **ties)
-    v2t = _rank_direction(v2t_fn, n_v, n_t, v2t_targets, k_v2t, dist_, q_chunk=q_chunk, **ties)
+    if v2t_ranking == "best-caption":
+        k_v2t_main = min(k, n_v)
+        v2t = _rank_direction(best_caption_score_fn(vids, texts, test_ds.caption_to_video), n_v, n_v,
+                              [[v] for v in range(n_v)], k_v2t_main, dist_, q_chunk=q_chunk, **ties)
+        v2t_report = _direction_report(v2t, k_v2t_main, n_v)
+    else:
+        v2t = _rank_direction(v2t_fn, n_v, n_t, v2t_targets, k_v2t, dist_, q_chunk=q_chunk, **ties)
+        v2t_report = _direction_report(v2t, k_v2t, n_t)
+    v2t_report["ranking"] = v2t_ranking
+    missing = list(getattr(test_ds, "missing_videos", []) or [])
     results: dict[str, Any] = {"dataset": cfg.dataset, "k": k,
                                "hubness_ties": hubness_ties,
                                **({"tie_seed": tie_seed} if hubness_ties == "random" else {}),
+                               "missing_videos": len(missing),
                                "t2v": _direction_report(t2v, k_t2v, n_v),
-                               "v2t": _direction_report(v2t, k_v2t, n_t)}
+                               "v2t": v2t_report}
     if corrections:
         results["corrections"] = _corrections(model, cfg, dist_, corrections, texts, vids, t2v_fn, v2t_fn,
                                               t2v_targets, v2t_targets, k_t2v, k_v2t, bank_ds, params,
@@ -390,11 +430,27 @@ def format_report(m: dict[str, Any]) -> str:
     def hrow(label, d):
         return f"{label:<18}" + "".join(f"{d['hubness'][c]:>15.3f}" for c in hcols)
 
+    head = m.get("label")
+    if head:
+        lines.insert(0, head)
     for name, d in (("text->video", m["t2v"]), ("video->text", m["v2t"])):
         lines.append(row(name, d))
     for cname, cd in m.get("corrections", {}).items():
         for dname, d in cd.items():
             lines.append(row(f"{cname} {dname}", d))
+    if m["v2t"].get("ranking"):
+        lines.append(f"video->text ranking: {m['v2t']['ranking']} "
+                     + ("(a query video ranks the videos, each by its best caption's score)"
+                        if m["v2t"]["ranking"] == "best-caption" else "(a query video ranks every caption; "
+                        "its rank is its best caption's)"))
+    if m.get("missing_videos"):
+        lines.append(f"missing videos: {m['missing_videos']} of the test split's videos were not found and "
+                     "were kept as black frames (they count in every metric)")
+    best = m.get("best_of_test")
+    if best:
+        lines += ["", best["label"]]
+        for name, key in (("text->video", "t2v"), ("video->text", "v2t")):
+            lines.append(row(f"{name} @{best[key]['step']}", best[key]))
     lines += ["", f"hubness (k={m['k']}){'':<1}" + "".join(f"{c:>15}" for c in hcols)]
     for name, d in (("text->video", m["t2v"]), ("video->text", m["v2t"])):
         lines.append(hrow(name, d))
@@ -493,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=None, choices=("auto", "ext", "torch"),
                    help="nbretr.ops backend (default: $NBRETR_BACKEND or auto)")
+    p.add_argument("--v2t-ranking", default=None, choices=V2T_RANKINGS,
+                   help="video->text on multi-caption sets (default: the run's, best-caption under the "
+                        "reference recipe)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options (the run's, with this command's) as YAML and exit")
     args = p.parse_args(argv)
     corr = CORRECTIONS if args.corrections == "all" else tuple(c for c in args.corrections.split(",") if c)
     bad = [c for c in corr if c not in CORRECTIONS]
@@ -510,11 +571,21 @@ def main(argv: list[str] | None = None) -> int:
     state, path = ckpt.load_with_fallback(path, required=("model", "config"))
     cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {path}"))
     cfg.backend = backend
+    if args.v2t_ranking:
+        cfg.v2t_ranking = args.v2t_ranking
     if args.dataset:
         cfg.dataset = args.dataset
     if args.data_root:
         cfg.data_root = args.data_root
     run_dir = path.parent.parent
+    if args.print_config:
+        import yaml
+
+        from nbretr.config import to_yaml
+        evaluation = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                      for k, v in {**vars(args), **dataclasses.asdict(params)}.items() if k != "print_config"}
+        print(to_yaml(cfg) + yaml.safe_dump({"evaluation": evaluation}, sort_keys=False), end="")
+        return 0
     dist_ = setup_distributed(args.device)
     setup_logging(dist_.rank)
     lock = None

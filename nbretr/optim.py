@@ -3,8 +3,10 @@
 ``BertAdam``: Adam with decoupled weight decay and *no bias correction*, as the reference's
 optimiser (from CLIP4Clip) computes it; ``warmup_cosine``: linear warm-up over the first
 ``warmup`` fraction of the steps, then ``0.5 (1 + cos(pi x))`` of the progress x. Parameter
-groups: CLIP at ``lr * coef_lr``, new modules at ``lr``; no weight decay on biases and
-normalisation weights.
+groups: CLIP at ``lr * coef_lr``, new modules at ``lr``; which parameters are exempt from
+weight decay is ``decay_exempt``: ``"bias"`` (the released code: every parameter whose name
+contains "bias"; LayerNorm gains, the logit scale and class embeddings are decayed) or
+``"1d"`` (every parameter of fewer than two dimensions, normalisation weights included).
 """
 from __future__ import annotations
 
@@ -58,16 +60,30 @@ def warmup_cosine(progress: float, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+DECAY_EXEMPT = ("bias", "1d")
+
+
+def decay_exempt_by(name: str, p: torch.Tensor, rule: str) -> bool:
+    """Whether parameter ``name`` gets no weight decay under ``rule`` (see module doc)."""
+    if rule == "bias":
+        # the released code's list: "bias", "LayerNorm.bias", "LayerNorm.weight" (substrings;
+        # with CLIP's names the last never matches, so only biases are exempt)
+        return any(key in name for key in ("bias", "LayerNorm.bias", "LayerNorm.weight"))
+    if rule == "1d":
+        return p.ndim < 2 or "norm" in name.lower() or "ln_" in name or name.endswith(".bias")
+    raise ValueError(f"decay_exempt must be one of {DECAY_EXEMPT}, got {rule!r}")
+
+
 def param_groups(model: nn.Module, lr: float, coef_lr: float, weight_decay: float,
-                 clip_prefix: str = "clip.") -> list[dict]:
-    """Four groups: {CLIP, new} x {decay, no decay}. No decay on biases, LayerNorm/norm
-    weights, embeddings' position tables of size 1-D and the logit scale."""
+                 clip_prefix: str = "clip.", decay_exempt: str = "1d") -> list[dict]:
+    """Four groups: {CLIP, new} x {decay, no decay}; the exempt ones by ``decay_exempt``.
+    Frozen parameters (``requires_grad=False``) are left out."""
     groups = {(c, d): [] for c in (True, False) for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_clip = name.startswith(clip_prefix) or f".{clip_prefix}" in name
-        no_decay = p.ndim < 2 or "norm" in name.lower() or "ln_" in name or name.endswith(".bias")
+        no_decay = decay_exempt_by(name, p, decay_exempt)
         groups[(is_clip, not no_decay)].append(p)
     out = []
     for (is_clip, decay), params in groups.items():
@@ -79,9 +95,9 @@ def param_groups(model: nn.Module, lr: float, coef_lr: float, weight_decay: floa
 
 
 def build_optimizer(model: nn.Module, lr: float, coef_lr: float, weight_decay: float, total_steps: int,
-                    warmup_proportion: float, kind: str = "bertadam"):
+                    warmup_proportion: float, kind: str = "bertadam", decay_exempt: str = "1d"):
     """(optimizer, scheduler) as in the reference. ``kind``: "bertadam" (reference) or "adamw"."""
-    groups = param_groups(model, lr, coef_lr, weight_decay)
+    groups = param_groups(model, lr, coef_lr, weight_decay, decay_exempt=decay_exempt)
     if kind == "bertadam":
         opt = BertAdam(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     elif kind == "adamw":

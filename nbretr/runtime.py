@@ -139,31 +139,64 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
+SAMPLER_ORDERS = ("nbretr", "reference")
+
+
 class ResumableSampler(torch.utils.data.Sampler[int]):
-    """Shuffled (per epoch, from ``seed + epoch``), split across ranks, and able to start
-    mid-epoch: ``set_epoch(epoch, start_batch)`` skips the batches already trained on.
-    Every rank sees ``per_rank_batch`` items per global batch; the tail that does not fill
-    a whole global batch is dropped (as DataLoader(drop_last=True) would)."""
+    """Batches of a training epoch, split across ranks, able to start mid-epoch:
+    ``set_epoch(epoch, start_batch)`` skips the batches already trained on. Every rank sees
+    ``per_rank_batch`` items per global batch, and the ranks' shares concatenated in rank
+    order are the global batch.
+
+    ``order="nbretr"``: a permutation seeded by ``seed`` (+ the epoch when ``reshuffle``),
+    cut into consecutive global batches; the tail that does not fill one is dropped.
+    ``order="reference"``: the released code's loader, ``DistributedSampler`` (seed 0) over
+    ``replicas`` processes with per-process batches of ``global_batch / replicas`` and
+    ``drop_last``: a global batch is every replica's next slice of its strided share, in
+    replica order, so a run on fewer processes sees the batches of the ``replicas``-process
+    command. The released loader is never reshuffled (its sampler's ``set_epoch`` is called
+    on another object): ``reshuffle=False`` repeats the first epoch's order."""
 
     def __init__(self, num_items: int, global_batch: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0):
+                 shuffle: bool = True, seed: int = 0, *, order: str = "nbretr", reshuffle: bool = True,
+                 replicas: int | None = None):
         if global_batch % world_size:
             raise ValueError(f"batch_size {global_batch} must be divisible by the world size {world_size}")
+        if order not in SAMPLER_ORDERS:
+            raise ValueError(f"sampler order must be one of {SAMPLER_ORDERS}, got {order!r}")
+        self.replicas = int(replicas or world_size)
+        if order == "reference" and global_batch % self.replicas:
+            raise ValueError(f"batch_size {global_batch} must be divisible by the reference's process count "
+                             f"{self.replicas}")
         self.n, self.global_batch, self.rank, self.world = num_items, global_batch, rank, world_size
         self.per_rank = global_batch // world_size
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.order, self.reshuffle = shuffle, seed, order, reshuffle
         self.epoch, self.start_batch = 0, 0
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.order == "reference":
+            per_replica = -(-self.n // self.replicas)  # DistributedSampler pads to a multiple
+            return per_replica // (self.global_batch // self.replicas) if self.n else 0
         return self.n // self.global_batch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def global_order(self) -> list[int]:
+        """Every item of the epoch in global-batch order (what the all-gather concatenates)."""
+        epoch = self.epoch if self.reshuffle else 0
+        if self.order == "reference":
+            g = torch.Generator().manual_seed(0 + epoch)
+            idx = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+            total = -(-self.n // self.replicas) * self.replicas
+            idx += idx[:total - len(idx)]
+            shares = [idx[r:total:self.replicas] for r in range(self.replicas)]
+            pb = self.global_batch // self.replicas
+            return [i for b in range(self.batches_per_epoch) for r in range(self.replicas)
+                    for i in shares[r][b * pb:(b + 1) * pb]]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             return torch.randperm(self.n, generator=g).tolist()
         return list(range(self.n))
 

@@ -22,13 +22,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nbretr
 from nbretr import checkpoint as ckpt
-from nbretr.config import TrainConfig, build_parser, resolve_config, save_yaml
+from nbretr.config import TrainConfig, build_parser, dataset_key, resolve_config, save_yaml, to_yaml
 from nbretr.memory_bank import MemoryBank
 from nbretr.optim import build_optimizer
 from nbretr.runtime import (Dist, FolderLock, Interrupted, ResumableSampler, amp_dtype, cleanup_distributed, git_commit,
                             holds_run, new_run_dir, setup_distributed, setup_logging, write_json)
 
 log = logging.getLogger("nbretr")
+
+# Datasets whose validation split is not their test split (--eval-protocol held-out).
+HAS_VALIDATION_SPLIT = {"msvd", "didemo", "coco", "flickr30k", "synthetic"}
 
 # What a training checkpoint must hold to be resumed.
 TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "bank", "rng", "epoch", "step_in_epoch",
@@ -64,9 +67,27 @@ def _dataset(cfg: TrainConfig, split: str, tokenizer):
         kw["video_dir"] = cfg.video_dir
     if cfg.allow_missing:
         kw["allow_missing"] = True
+    if cfg.frame_sampling:
+        kw["frame_sampling"] = cfg.frame_sampling
+    if dataset_key(cfg.dataset) == "didemo":
+        kw["didemo_window"] = parse_window(cfg.didemo_window)
+    if split == "train" and cfg.augment and cfg.augment != "none":
+        from nbretr.data.augment import make_augment
+        kw["clip_augment"] = make_augment(cfg.augment, image_size=image_size(cfg))
     return build_dataset(cfg.dataset, data_root(cfg), split, tokenizer, max_words=cfg.max_words,
                          max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
                          image_size=image_size(cfg), strict=cfg.strict_data, **kw)
+
+
+def parse_window(text: str) -> tuple[float, float] | None:
+    """``--didemo-window``: "first,last" seconds, or "whole"."""
+    if str(text).strip().lower() in ("whole", "none"):
+        return None
+    try:
+        first, last = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--didemo-window must be 'first,last' seconds or 'whole', got {text!r}") from None
+    return first, last
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
@@ -104,6 +125,26 @@ def build_model(cfg: TrainConfig, vocab_size: int | None):
     return NeighborRetr(cfg.model_config(**overrides))
 
 
+def clip_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """"fp16" or "fp32": ``--clip-weights auto`` is the released code's rule, float16 CLIP
+    weights when CUDA is present."""
+    choice = cfg.clip_weights or "fp32"
+    if choice == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return choice
+
+
+def prepare_clip(model, cfg: TrainConfig, device: torch.device) -> None:
+    """Apply the recipe's CLIP choices: float16 weights (updated in place by the optimiser)
+    and the frozen patch embedding."""
+    from nbretr.models import clip as clip_mod
+    if cfg.freeze_patch_embed:
+        clip_mod.freeze_patch_embedding(model.clip)
+    if clip_precision(cfg, device) == "fp16":
+        n = clip_mod.clip_weights_to_fp16(model.clip)
+        log.info("CLIP weights in float16 (%d layers), updated in place by the optimiser", n)
+
+
 def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
     from nbretr.data import collate
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
@@ -136,10 +177,13 @@ class Trainer:
         self.train_ds, self.test_ds = datasets["train"], datasets.get("test")
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, getattr(self.tokenizer, "vocab_size", None)).to(self.device)
+        prepare_clip(self.model, cfg, self.device)
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        find_unused_parameters=True) if dist_.enabled else self.model
         self.sampler = ResumableSampler(len(self.train_ds), cfg.batch_size, dist_.rank, dist_.world_size,
-                                        shuffle=True, seed=cfg.seed)
+                                        shuffle=True, seed=cfg.seed, order=cfg.sampler or "nbretr",
+                                        reshuffle=cfg.reshuffle is not False,
+                                        replicas=cfg.grad_world_size or dist_.world_size)
         if self.sampler.batches_per_epoch == 0:
             raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
                              f"({len(self.train_ds)} items)")
@@ -148,7 +192,7 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.opt, self.sched = build_optimizer(self.model, cfg.lr, cfg.coef_lr, cfg.weight_decay,
                                                self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
-                                               cfg.optimizer)
+                                               cfg.optimizer, decay_exempt=cfg.decay_exempt or "1d")
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         dim = self.model.dim
@@ -157,6 +201,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.last_checkpoint: tuple[Path, int] | None = None
         self._stop_requested = False
+        self._setup_evaluation()
         self.writer = None
         if dist_.is_main:
             try:
@@ -172,7 +217,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "rng": ckpt.rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step, "config": self.cfg.to_dict(),
+            "global_step": self.global_step, "config": self.cfg.to_dict(), "eval_best": self.best,
             "nbretr_version": nbretr.__version__,
         }
 
@@ -195,8 +240,92 @@ class Trainer:
             self.bank.load_state_dict(state["bank"])
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.best = state.get("eval_best") or {}
         self.last_checkpoint = (path, self.global_step)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    # evaluation during training ----------------------------------------------------
+    def _setup_evaluation(self) -> None:
+        """``--eval-every N``: evaluate every N steps and at each epoch's end. Protocol
+        "held-out": on the validation split, keeping ``checkpoints/best.pt`` by the summed
+        validation Rsum of both directions (datasets without a validation split are
+        evaluated once, on the test split, at the end). Protocol "best-of-test" (the released
+        code's): on the test split, also at step 1, keeping the best text->video and the best
+        video->text R@1 separately; reported as such, beside the final weights' test result."""
+        cfg = self.cfg
+        self.eval_every = int(cfg.eval_every or 0) if cfg.do_eval else 0
+        self.protocol = cfg.eval_protocol or "held-out"
+        self.best: dict[str, Any] = {}
+        self.eval_ds = None
+        if not self.eval_every:
+            return
+        if self.protocol == "best-of-test":
+            self.eval_ds = self.test_ds
+        elif dataset_key(cfg.dataset) in HAS_VALIDATION_SPLIT:
+            self.eval_ds = _dataset(cfg, "val", self.tokenizer)
+        else:
+            log.warning("--eval-every %d: %s has no validation split apart from its test split, so no "
+                        "checkpoint is chosen during training; the test split is evaluated once at the end "
+                        "(--eval-protocol best-of-test evaluates the test split during training, as the "
+                        "released code does)", self.eval_every, cfg.dataset)
+            self.eval_every = 0
+
+    def maybe_evaluate(self, epoch_end: bool = False) -> None:
+        due = self.eval_every and (epoch_end or self.global_step % self.eval_every == 0
+                                   or (self.protocol == "best-of-test" and self.global_step == 1))
+        if not due or self.eval_ds is None or self.global_step == getattr(self, "_last_eval_step", None):
+            return
+        self._last_eval_step = self.global_step
+        from nbretr import eval as evaluation
+        m = evaluation.evaluate(self.model, self.eval_ds, self.cfg, self.dist, k=self.cfg.eval_k)
+        keys = ("R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum", "num_queries", "num_gallery")
+        rec = {"step": self.global_step, "epoch": self.epoch, "split": self.eval_ds.split,
+               **{d: {k: m[d][k] for k in keys} for d in ("t2v", "v2t")}}
+        if self.protocol == "best-of-test":
+            for d in ("t2v", "v2t"):
+                if d not in self.best or m[d]["R1"] > self.best[d]["R1"]:
+                    self.best[d] = {**rec[d], "step": self.global_step}
+            self.best["evaluations"] = int(self.best.get("evaluations", 0)) + 1
+        else:
+            score = m["t2v"]["Rsum"] + m["v2t"]["Rsum"]
+            if score > self.best.get("score", -math.inf):
+                self.best = {"score": score, "step": self.global_step}
+                if self.dist.is_main:
+                    ckpt.save_atomic({"model": self.model.state_dict(), "global_step": self.global_step,
+                                      "config": self.cfg.to_dict(), "val_rsum": score},
+                                     self.run_dir / "checkpoints" / "best.pt")
+        if self.dist.is_main:
+            with open(self.run_dir / "eval_history.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log.info("step %d, %s split: t2v R@1 %.1f Rsum %.1f, v2t R@1 %.1f Rsum %.1f", self.global_step,
+                     self.eval_ds.split, m["t2v"]["R1"], m["t2v"]["Rsum"], m["v2t"]["R1"], m["v2t"]["Rsum"])
+
+    def final_evaluation(self) -> dict[str, Any] | None:
+        """The test split's report under the run's protocol (see :meth:`_setup_evaluation`)."""
+        from nbretr import eval as evaluation
+        if self.test_ds is None:
+            return None
+        label = "test split, final weights"
+        selected = None
+        best_path = self.run_dir / "checkpoints" / "best.pt"
+        if self.protocol == "held-out" and self.best.get("step") is not None and best_path.is_file():
+            state = ckpt.load(best_path, map_location=self.device, required=("model",))
+            self.model.load_state_dict(state["model"])
+            selected = {"by": "validation Rsum (t2v + v2t)", "step": int(self.best["step"]),
+                        "val_rsum": float(self.best["score"])}
+            label = f"test split, checkpoint chosen on the validation Rsum (step {selected['step']})"
+        metrics = evaluation.evaluate(self.model, self.test_ds, self.cfg, self.dist, k=self.cfg.eval_k,
+                                      out_dir=self.run_dir)
+        metrics.update(protocol=self.protocol, label=label)
+        if selected:
+            metrics["selected_checkpoint"] = selected
+        if self.protocol == "best-of-test" and "t2v" in self.best:
+            metrics["best_of_test"] = {
+                "label": (f"best-of-test (the released code's protocol, not a held-out result): the best test "
+                          f"R@1 of {self.best['evaluations']} evaluations during training, text->video and "
+                          "video->text chosen separately, possibly from different steps"),
+                "t2v": self.best["t2v"], "v2t": self.best["v2t"], "evaluations": self.best["evaluations"]}
+        return metrics
 
     # memory bank -----------------------------------------------------------------
     @torch.no_grad()
@@ -248,11 +377,13 @@ class Trainer:
                     self.log_step(parts, pbar, jsonl, per_rank * self.dist.world_size, t_start)
                     if cfg.save_every and self.global_step % cfg.save_every == 0:
                         self.save()
+                    self.maybe_evaluate()
                     if self._should_stop():
                         self.save()
                         raise Interrupted(self.interrupt_message())
                 self.report_bad_data()
                 if self.step_in_epoch >= self.steps_per_epoch:
+                    self.maybe_evaluate(epoch_end=True)
                     self.epoch += 1
                     self.step_in_epoch = 0
                 self.save()
@@ -480,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_file}")
         resumed, resume_file = ckpt.load_with_fallback(resume_file, required=TRAINING_STATE_KEYS)
     cfg = resolve_config(args, resumed["config"] if resumed else None, str(args.resume or ""))
+    if cfg.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     if resume_file is not None:
         cfg.resume = str(args.resume)
         own = resume_file.parent.parent
@@ -514,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
                     run.discard()
                 raise
             log.info("run folder %s; %d steps (%d per epoch), global batch %d on %d process(es), device %s, "
-                     "backend %s", run_dir, trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size,
-                     dist_.world_size, dist_.device, cfg.backend)
+                     "backend %s; recipe %s, preset %s (--print-config shows every option)", run_dir,
+                     trainer.total_steps, trainer.steps_per_epoch, cfg.batch_size, dist_.world_size, dist_.device,
+                     cfg.backend, cfg.recipe, cfg.preset)
             trainer.train()
             if dist_.is_main:
                 curves = run_dir / "loss_curves.png"
@@ -527,8 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_path = None
             if cfg.do_eval and trainer.test_ds is not None:
                 from nbretr import eval as evaluation
-                metrics = evaluation.evaluate(trainer.model, trainer.test_ds, cfg, dist_, k=cfg.eval_k,
-                                              out_dir=run_dir)
+                metrics = trainer.final_evaluation()
                 if dist_.is_main:
                     print(evaluation.format_report(metrics))
                     metrics_path = write_json(run_dir / "metrics.json", metrics)

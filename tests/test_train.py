@@ -39,7 +39,7 @@ def test_config_precedence_and_errors(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.beta, cfg.num_neighbors) == (0.5, 4, 0.1, 7)   # CLI > YAML > preset
     assert cfg.batch_size == C.EMBEDDED_DEFAULTS["batch_size"]                     # synthetic preset
     ref = C.resolve_config(parser.parse_args(["--dataset", "msrvtt", "--clip", "ViT-B/32", "--clip-path", "x.pt"]))
-    assert (ref.batch_size, ref.lr, ref.coef_lr, ref.epochs, ref.mb_batch) == (128, 1e-4, 1e-3, 5, 10)
+    assert (ref.batch_size, ref.lr, ref.coef_lr, ref.epochs, ref.mb_batch) == (128, 1e-4, 1e-3, 5, 15)  # MSR-VTT's
     assert (ref.centrality_scale, ref.num_neighbors, ref.temperature, ref.beta) == (0.3, 20, 3.0, 0.7)
     y.write_text(yaml.safe_dump({"learning_rate": 1}))
     with pytest.raises(ValueError, match="unknown option\\(s\\) \\['learning_rate'\\]"):
@@ -104,7 +104,7 @@ def test_every_model_option_reaches_the_model():
         if f.name in C.DERIVED:
             continue
         assert f.name in flags, f.name
-        if f.name not in ("image_size", "backend", "gather_reduce_grads"):  # run defaults, documented
+        if f.name not in ("image_size", "backend") and f.name not in C.RECIPE_FIELDS:  # run defaults, documented
             assert getattr(run_defaults, f.name) == getattr(model_defaults, f.name), f.name
     cfg = C.resolve_config(parser.parse_args(["--centrality-k", "5", "--nbi-normalize-over", "neighbors",
                                               "--cluster-k", "2", "--text-cluster-ratio", "0.5",

@@ -14,13 +14,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from nbretr.data._layout import AnnotationError, MissingVideosError, VideoIndex, video_dir
-from nbretr.data.decoding import Preprocess, VideoDecodeError, decode_frames, pad_frames
+from nbretr.data.decoding import SAMPLING_RULES, Preprocess, VideoDecodeError, decode_frames, pad_frames
 
 log = logging.getLogger("nbretr.data")
 
@@ -73,7 +74,9 @@ class VideoTextDataset(Dataset):
                  max_frames: int = 12, video_framerate: float = 1.0, image_size: int = 224,
                  strict: bool = False, augment: bool = False, flip_p: float = 0.5,
                  backend: str = "auto", allow_missing: bool = False, max_missing: float = 0.01,
-                 keep_missing: bool | None = None, missing_list: str | os.PathLike | None = None, **kw):
+                 keep_missing: bool | None = None, missing_list: str | os.PathLike | None = None,
+                 frame_sampling: str = "uniform",
+                 clip_augment: Callable[[np.ndarray], np.ndarray] | None = None, **kw):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.root = Path(root)
@@ -85,6 +88,12 @@ class VideoTextDataset(Dataset):
         self.image_size = int(image_size)
         self.strict = bool(strict)
         self.backend = backend
+        if frame_sampling not in SAMPLING_RULES:
+            raise ValueError(f"frame_sampling must be one of {SAMPLING_RULES}, got {frame_sampling!r}")
+        self.frame_sampling = frame_sampling
+        # a clip-level augmentation of the decoded uint8 frames [n, H, W, 3], applied before
+        # resizing (where the released code applies its RandAugment); None: none
+        self.clip_augment = clip_augment
         self.preprocess = Preprocess(image_size=self.image_size, augment=augment, flip_p=flip_p)
         self.allow_missing = bool(allow_missing)
         self.max_missing = float(max_missing)
@@ -233,7 +242,7 @@ class VideoTextDataset(Dataset):
             return torch.zeros(self.max_frames, 3, s, s), torch.zeros(self.max_frames, dtype=torch.long), True
         try:
             frames = decode_frames(rec.path, self.max_frames, self.video_framerate, rec.start, rec.end,
-                                   backend=self.backend)
+                                   backend=self.backend, sampling=self.frame_sampling)
         except VideoDecodeError as err:
             if self.strict:
                 raise VideoDecodeError(err.path, err.reason,
@@ -242,6 +251,8 @@ class VideoTextDataset(Dataset):
             self._record_bad(video_index, err)
             s = self.image_size
             return torch.zeros(self.max_frames, 3, s, s), torch.zeros(self.max_frames, dtype=torch.long), True
+        if self.clip_augment is not None:
+            frames = self.clip_augment(frames)
         video, mask = pad_frames(self.preprocess(frames), self.max_frames)
         return video, mask, False
 

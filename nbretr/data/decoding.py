@@ -1,11 +1,17 @@
 """Video decoding, frame sampling and CLIP preprocessing.
 
-Sampling follows the reference's raw-video extractor: candidate frames are taken at
-``framerate`` frames per second over ``[start, end)`` (the whole clip by default); when
-there are more than ``max_frames`` candidates, ``max_frames`` of them are picked uniformly
-(``linspace`` over the candidates, as the reference's ``slice_framepos=2``). Only the
-sampled frames are decoded (decord ``get_batch`` on their indices), so a worker never holds
-more than one clip's sampled frames.
+Two sampling rules (``sampling=``):
+
+- ``"first"``, the released NeighborRetr code's: the frames at ``framerate`` per second,
+  counted in whole seconds of the integer frame rate (``int(fps)``, as OpenCV reports it),
+  over the clip or ``[start, end]`` seconds, and of those the first ``max_frames`` (at
+  1 fps: the first 12 seconds of a clip).
+- ``"uniform"``: candidate frames at ``framerate`` per second over ``[start, end)``, and
+  when there are more than ``max_frames`` of them, ``max_frames`` picked uniformly
+  (``linspace``) so that the whole clip is covered.
+
+Only the sampled frames are decoded (decord ``get_batch`` on their indices), so a worker
+never holds more than one clip's sampled frames.
 
 Backends: decord (preferred) and PyAV (used when decord is not installed, or for a file
 decord cannot open). The choice is made automatically and logged once per process.
@@ -155,20 +161,54 @@ def available_backends() -> list[str]:
     return [b for b, ok in (("decord", _have_decord()), ("pyav", _have_av())) if ok]
 
 
+SAMPLING_RULES = ("first", "uniform")
+
+
+def first_seconds_indices(num_frames: int, fps: float, max_frames: int, framerate: float = 1.0,
+                          start: float | None = None, end: float | None = None) -> np.ndarray:
+    """The released code's rule: frame ``sec * int(fps) + j * (int(fps) // framerate)`` for
+    each whole second ``sec`` from ``start`` to ``end`` (both included; the whole clip by
+    default) and ``j < framerate``, then the first ``max_frames`` of them. A frame rate
+    OpenCV would report as 0 counts as 30, and ``framerate <= 0`` means every frame."""
+    ifps = int(fps) if fps and math.isfinite(fps) and int(fps) > 0 else 30
+    per_sec = ifps if not framerate or framerate <= 0 else int(framerate)
+    per_sec = max(1, per_sec)
+    interval = max(1, ifps // per_sec)
+    duration = max(1, (num_frames + ifps - 1) // ifps)
+    s0 = 0 if start is None else min(int(start), duration - 1)
+    s1 = duration - 1 if end is None else min(int(end), duration - 1)
+    out: list[int] = []
+    for sec in range(s0, s1 + 1):
+        for j in list(range(0, ifps, interval))[:per_sec]:
+            idx = sec * ifps + j
+            if idx < num_frames:
+                out.append(idx)
+            if len(out) == max_frames:
+                return np.asarray(out, dtype=np.int64)
+    return np.asarray(out, dtype=np.int64)
+
+
 def sample_indices(num_frames: int, fps: float, max_frames: int, framerate: float = 1.0,
-                   start: float | None = None, end: float | None = None) -> np.ndarray:
+                   start: float | None = None, end: float | None = None,
+                   sampling: str = "uniform") -> np.ndarray:
     """Frame indices (int64, sorted, at most ``max_frames``) to decode from a clip of
     ``num_frames`` frames at ``fps``.
 
-    Candidates are the frames at times ``start + k / framerate`` for ``k = 0, 1, ...``
-    inside ``[start, end)`` (the whole clip by default; ``framerate <= 0`` means every
-    frame); if there are more than ``max_frames`` candidates, ``max_frames`` are chosen
-    uniformly among them. A clip shorter than ``1 / framerate`` still yields its first frame.
+    ``sampling="uniform"``: candidates are the frames at times ``start + k / framerate``
+    for ``k = 0, 1, ...`` inside ``[start, end)`` (the whole clip by default;
+    ``framerate <= 0`` means every frame); if there are more than ``max_frames``
+    candidates, ``max_frames`` are chosen uniformly among them. A clip shorter than
+    ``1 / framerate`` still yields its first frame. ``sampling="first"``:
+    :func:`first_seconds_indices` (the released code's rule).
     """
     if num_frames <= 0:
         return np.zeros(0, dtype=np.int64)
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if sampling == "first":
+        return first_seconds_indices(num_frames, fps, max_frames, framerate, start, end)
+    if sampling != "uniform":
+        raise ValueError(f"frame sampling must be one of {SAMPLING_RULES}, got {sampling!r}")
     fps = float(fps) if fps and fps > 0 and math.isfinite(fps) else 25.0
     duration = num_frames / fps
     t0 = 0.0 if start is None else max(0.0, float(start))
@@ -189,11 +229,11 @@ def sample_indices(num_frames: int, fps: float, max_frames: int, framerate: floa
     return cand.astype(np.int64)
 
 
-def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+def _decode_decord(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform") -> np.ndarray:
     failure = None
     with quiet_stderr() as caught:
         try:
-            return _decode_decord_inner(path, max_frames, framerate, start, end)
+            return _decode_decord_inner(path, max_frames, framerate, start, end, sampling)
         except VideoDecodeError as err:
             failure = err
     said = _decoder_said(caught)
@@ -202,7 +242,8 @@ def _decode_decord(path: str, max_frames: int, framerate: float, start, end) -> 
     raise failure
 
 
-def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, end,
+                         sampling: str = "uniform") -> np.ndarray:
     import decord
     try:
         vr = decord.VideoReader(path, num_threads=1)
@@ -210,7 +251,7 @@ def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, en
         fps = vr.get_avg_fps()
     except Exception as err:  # decord raises DECORDError/RuntimeError with the ffmpeg message
         raise VideoDecodeError(path, "undecodable", f"decord: {str(err).splitlines()[0][:200]}") from None
-    idx = sample_indices(n, fps, max_frames, framerate, start, end)
+    idx = sample_indices(n, fps, max_frames, framerate, start, end, sampling)
     if len(idx) == 0:
         raise VideoDecodeError(path, "no frames", "the container holds no video frames")
     try:
@@ -222,12 +263,13 @@ def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, en
     return frames
 
 
-def _decode_pyav(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+def _decode_pyav(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform") -> np.ndarray:
     with quiet_stderr():
-        return _decode_pyav_inner(path, max_frames, framerate, start, end)
+        return _decode_pyav_inner(path, max_frames, framerate, start, end, sampling)
 
 
-def _decode_pyav_inner(path: str, max_frames: int, framerate: float, start, end) -> np.ndarray:
+def _decode_pyav_inner(path: str, max_frames: int, framerate: float, start, end,
+                       sampling: str = "uniform") -> np.ndarray:
     import av
     try:
         container = av.open(path)
@@ -249,7 +291,7 @@ def _decode_pyav_inner(path: str, max_frames: int, framerate: float, start, end)
         if n <= 0:  # unknown length: count by decoding (the fallback path, rare)
             n = sum(1 for _ in container.decode(stream))
             container.seek(0)
-        idx = sample_indices(n, fps, max_frames, framerate, start, end)
+        idx = sample_indices(n, fps, max_frames, framerate, start, end, sampling)
         wanted = {int(i): k for k, i in enumerate(idx)}
         out: list[np.ndarray | None] = [None] * len(idx)
         last = int(idx[-1]) if len(idx) else -1
@@ -281,12 +323,13 @@ def _load_image(path: str) -> np.ndarray:
 
 def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: float = 1.0,
                   start: float | None = None, end: float | None = None,
-                  backend: str = "auto") -> np.ndarray:
+                  backend: str = "auto", sampling: str = "uniform") -> np.ndarray:
     """Decode the sampled frames of one video (or one image, as a one-frame video).
 
     Returns uint8 ``[n, H, W, 3]`` RGB with ``1 <= n <= max_frames``. Raises
     :class:`VideoDecodeError` for a missing, empty, truncated or undecodable file.
     ``backend``: "auto" (decord, then PyAV for files decord cannot open), "decord", "pyav".
+    ``sampling``: "first" or "uniform" (see :func:`sample_indices`).
     """
     path = str(path)
     if not os.path.exists(path):
@@ -302,12 +345,12 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
             # the usual case: debug level (every DataLoader worker is a new process)
             _report_once("decord", "nbretr.data: decoding videos with decord", level=logging.DEBUG)
         try:
-            return _decode_decord(path, max_frames, framerate, start, end)
+            return _decode_decord(path, max_frames, framerate, start, end, sampling)
         except VideoDecodeError as err:
             if backend == "decord" or not _have_av():
                 raise
             try:
-                frames = _decode_pyav(path, max_frames, framerate, start, end)
+                frames = _decode_pyav(path, max_frames, framerate, start, end, sampling)
             except VideoDecodeError as err2:  # bad for both: one error (the caller warns once)
                 raise VideoDecodeError(path, err2.reason, f"{err.detail}; {err2.detail}") from None
             # said once per process, and only when it helps (PyAV read what decord could not)
@@ -318,7 +361,7 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
         raise RuntimeError("no video decoding backend: install decord or av (pip install 'nbretr[data]')")
     if backend == "auto":
         _report_once("pyav", "nbretr.data: decord is not installed; decoding videos with PyAV")
-    return _decode_pyav(path, max_frames, framerate, start, end)
+    return _decode_pyav(path, max_frames, framerate, start, end, sampling)
 
 
 @dataclass

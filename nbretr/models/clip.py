@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from torch import nn
 
 log = logging.getLogger("nbretr")
 
@@ -264,3 +265,55 @@ def load_clip(path: str | os.PathLike, *, text_heads: int | None = None,
                          f"unexpected {unexpected[:8]})")
     log.info("loaded OpenAI CLIP from %s (converted to the transformers layout)", p)
     return model.to(dtype)
+
+
+# --- the released code's CLIP precision and frozen patch embedding ---------------------------
+def _cast_input_to_weight(module: nn.Module, args):
+    x = args[0]
+    w = module.weight
+    return (x.to(w.dtype), *args[1:]) if torch.is_tensor(x) and x.dtype != w.dtype else args
+
+
+class _Fp32LayerNorm:
+    """Forward hooks that run a float32 LayerNorm on lower-precision input and hand the
+    result back in the input's dtype (as the released CLIP's LayerNorm subclass does)."""
+
+    @staticmethod
+    def pre(module: nn.Module, args):
+        x = args[0]
+        module._nbretr_in_dtype = x.dtype
+        return (x.float(), *args[1:]) if x.dtype != torch.float32 else args
+
+    @staticmethod
+    def post(module: nn.Module, args, out):
+        dt = getattr(module, "_nbretr_in_dtype", out.dtype)
+        return out.to(dt) if out.dtype != dt else out
+
+
+def clip_weights_to_fp16(clip: nn.Module) -> int:
+    """The released code's CLIP precision on CUDA: the weights and biases of every Linear
+    and Conv2d (attention and MLP projections, the output projections, the patch embedding)
+    become float16 parameters that the optimiser updates in place; embeddings, LayerNorms
+    and the logit scale stay float32. Hooks cast each such layer's input to its weight's
+    dtype and run LayerNorms in float32, and the two output projections hand float32 back to
+    the rest of the model. Returns the number of converted modules."""
+    n = 0
+    for name, module in clip.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.half()
+            module.register_forward_pre_hook(_cast_input_to_weight)
+            n += 1
+        elif isinstance(module, nn.LayerNorm):
+            module.register_forward_pre_hook(_Fp32LayerNorm.pre)
+            module.register_forward_hook(_Fp32LayerNorm.post)
+    for proj in ("text_projection", "visual_projection"):
+        layer = getattr(clip, proj, None)
+        if isinstance(layer, nn.Module):
+            layer.register_forward_hook(lambda m, a, out: out.float())
+    return n
+
+
+def freeze_patch_embedding(clip: nn.Module) -> None:
+    """Freeze the vision tower's patch-embedding convolution (the released code sets its
+    ``requires_grad`` to False)."""
+    clip.vision_model.embeddings.patch_embedding.requires_grad_(False)

@@ -9,6 +9,11 @@ all-reduces (sums) the gradient first (the reference's ``AllGather2``), giving t
 gradient of the gathered loss after DDP averaging.
 
 Without an initialised process group, or with one rank, it is the identity.
+
+``grad_scale`` multiplies the gradient that flows back through the gather (also on one
+process): with ``grad_scale = W / W_ref`` and ``reduce_grads=False`` the encoders get
+the gradient the reference's ``AllGather`` gives on ``W_ref`` processes, so a run on fewer
+GPUs reproduces a multi-GPU command's dynamics (``grad_world_size`` of the model config).
 """
 from __future__ import annotations
 
@@ -24,10 +29,21 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, reduce_grads: bool) -> torch.Tensor:
-        ctx.n, ctx.reduce = x.shape[0], reduce_grads
+    def forward(ctx, x: torch.Tensor, reduce_grads: bool, scale: float = 1.0) -> torch.Tensor:
+        ctx.n, ctx.reduce, ctx.scale = x.shape[0], reduce_grads, scale
         ctx.rank = dist.get_rank()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
@@ -38,16 +54,17 @@ class _AllGather(torch.autograd.Function):
         if ctx.reduce:
             grad = grad.clone()
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.n * ctx.rank: ctx.n * (ctx.rank + 1)], None
+        local = grad[ctx.n * ctx.rank: ctx.n * (ctx.rank + 1)]
+        return (local * ctx.scale if ctx.scale != 1.0 else local), None, None
 
 
-def all_gather_with_grad(x: torch.Tensor, *, reduce_grads: bool = False) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, *, reduce_grads: bool = False, grad_scale: float = 1.0) -> torch.Tensor:
     """``cat([x from rank 0, ..., x from rank W-1])`` along dim 0, differentiable; every rank
-    must pass the same shape. Identity when not distributed."""
+    must pass the same shape. Identity when not distributed (but for ``grad_scale``)."""
     if world_size() == 1:
-        return x
+        return _ScaleGrad.apply(x, grad_scale) if grad_scale != 1.0 and x.requires_grad else x
     if not x.requires_grad:
         parts = [torch.empty_like(x) for _ in range(world_size())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)
-    return _AllGather.apply(x, reduce_grads)
+    return _AllGather.apply(x, reduce_grads, float(grad_scale))

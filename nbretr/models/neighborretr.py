@@ -33,7 +33,7 @@ from nbretr import losses, ops
 from nbretr.memory_bank import MemoryBank
 from nbretr.models import clip as clip_mod
 from nbretr.models.clustering import GlobalTokenizer
-from nbretr.models.distributed import all_gather_with_grad
+from nbretr.models.distributed import all_gather_with_grad, world_size
 from nbretr.models.temporal import TemporalTransformer
 from nbretr.models.wti import WTIHead
 
@@ -89,12 +89,21 @@ class NeighborRetrConfig:
     # runtime
     backend: ops.Backend | None = None     # nbretr.ops backend for every op call (None = default)
     gather_reduce_grads: bool = False      # see nbretr.models.distributed
+    # with gather_reduce_grads False: scale the encoders' gradient as the reference's
+    # all-gather does on this many processes (None: the actual world size)
+    grad_world_size: int | None = None
 
     def __post_init__(self):
         if self.centrality not in ("mean", "knn"):
             raise ValueError(f"centrality must be 'mean' or 'knn', got {self.centrality!r}")
         if self.nbi_normalize_over not in ("complement", "neighbors"):
             raise ValueError(f"nbi_normalize_over must be 'complement' or 'neighbors', got {self.nbi_normalize_over!r}")
+        if self.grad_world_size is not None:
+            if self.grad_world_size < 1:
+                raise ValueError(f"grad_world_size must be >= 1, got {self.grad_world_size}")
+            if self.gather_reduce_grads:
+                raise ValueError("grad_world_size emulates the reference's local-slice gather gradient; "
+                                 "it needs gather_reduce_grads=False")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -297,7 +306,11 @@ class NeighborRetr(nn.Module):
         T, tm = self.encode_text(batch["text_ids"], batch["text_mask"])
         V, vm = self.encode_video(batch["video"], batch["video_mask"])
         red = self.config.gather_reduce_grads
-        T, V = all_gather_with_grad(T, reduce_grads=red), all_gather_with_grad(V, reduce_grads=red)
+        scale = 1.0
+        if self.config.grad_world_size is not None and not red:
+            scale = world_size() / self.config.grad_world_size
+        T = all_gather_with_grad(T, reduce_grads=red, grad_scale=scale)
+        V = all_gather_with_grad(V, reduce_grads=red, grad_scale=scale)
         tm, vm = all_gather_with_grad(tm), all_gather_with_grad(vm)
         ids = batch.get("index")
         if ids is None:
