@@ -1,6 +1,6 @@
 """Memory-bank update: ring_push (extension, torch ring path) vs the reference's
 concatenate-and-slice, at bank 1,280 and 1,920 entries, batch 128
-(text 32x512, video 12x512, masks, ids). KERNELS.md target: >= 5x cat+slice."""
+(text 32x512, video 12x512, masks, ids). Target (docs/operators.md): >= 5x cat+slice."""
 from __future__ import annotations
 
 import sys

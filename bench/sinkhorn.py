@@ -2,7 +2,7 @@
 logsumexp iterations, batched) vs POT's ``ot.bregman.sinkhorn_log`` (one call per problem,
 forward only). Shapes: the training shape 2 x 128 x 128, a batch of 64 x 128 x 128 and one
 4,096 x 4,096 problem, 50 iterations each; forward and forward+backward.
-KERNELS.md targets: CPU >= 3x the torch loop; GPU >= 50x at the training shape, 5x at 4,096^2."""
+Targets (docs/operators.md): CPU >= 3x the torch loop; GPU >= 50x at the training shape, 5x at 4,096^2."""
 from __future__ import annotations
 
 import sys

@@ -3,7 +3,7 @@ plus np.bincount counting), next to the bare chunked matrix product (the same ti
 selection), so the overhead of selection and counting is visible. Q = G = N, D = 512,
 k = 10 and 100, fp32 and bf16.
 
-KERNELS.md targets: CPU no slower than the torch path or faiss, within 1.15x of the bare
+Targets (docs/operators.md): CPU no slower than the torch path or faiss, within 1.15x of the bare
 matrix product; GPU within 1.5x of the bare tiled product.
 
   python bench/topk_centrality.py                 # CPU default: N = 10k, 20k

@@ -1,7 +1,7 @@
 """WTI token-wise similarity: the extension vs the torch path (the reference's einsum
 over a [Bt, Bv, L, F] tensor). Forward and forward+backward at the training shapes
 (128 x 128 and 128 x 1,920 pairs, L=32, F=12, D=512) and the evaluation shape
-(1,000 x 1,000, forward only, no grad), fp32 and bf16. KERNELS.md targets: CPU >= 2x
+(1,000 x 1,000, forward only, no grad), fp32 and bf16. Targets (docs/operators.md): CPU >= 2x
 faster and >= 10x less peak memory; GPU >= 5x and >= 10x. On CUDA the extension's two
 implementations are timed: "ext" (tiled, the default) and "ext fused" (NBRETR_WTI_CUDA=fused).
 Masks keep each token with probability 0.75 (the first always). The CPU kernel leaves

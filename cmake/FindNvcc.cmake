@@ -1,5 +1,5 @@
 # nbretr_find_nvcc(<out>): the real nvcc of a CUDA toolkit, or "" when none.
-# The nvcc first on PATH may be a wrapper script outside the toolkit (BUILD.md trap 4);
+# The nvcc first on PATH may be a wrapper script outside the toolkit (docs/building.md);
 # CMake and CUDAToolkit need the binary inside <root>/bin, so ask nvcc for its TOP.
 function(nbretr_find_nvcc out)
   set(_cands "")

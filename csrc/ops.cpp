@@ -5,12 +5,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(nbretr, m) {
-  // KERNELS.md 3. Writes the first min(n, capacity) rows of every item into the matching
+  // docs/operators.md. Writes the first min(n, capacity) rows of every item into the matching
   // ring buffer in place, ending at slot `head` (see csrc/common/ring.h). The new head and
   // fill level are computed by the caller (nbretr.ops.ring_push).
   m.def("ring_push(Tensor(a!)[] buffers, Tensor[] items, int head) -> ()");
 
-  // KERNELS.md 4. Batched log-domain Sinkhorn (csrc/common/sinkhorn.h). log_mu/log_nu are
+  // docs/operators.md. Batched log-domain Sinkhorn (csrc/common/sinkhorn.h). log_mu/log_nu are
   // always given (nbretr.ops.sinkhorn_log fills the defaults). Outputs in the compute dtype
   // (float64 for float64 scores, else float32); u_hist/v_hist [B, n_iters, M|N] hold the
   // potentials of every iteration run (rows past iters_done are 0) for the backward.
@@ -22,7 +22,7 @@ TORCH_LIBRARY(nbretr, m) {
         "Tensor log_mu, Tensor log_nu, Tensor u_hist, Tensor v_hist, Tensor iters_done, float eps) -> "
         "(Tensor grad_scores, Tensor grad_log_mu, Tensor grad_log_nu)");
 
-  // KERNELS.md 1. Token-wise (WTI) similarity s [Bt, Bv] (float32; float64 for float64
+  // docs/operators.md. Token-wise (WTI) similarity s [Bt, Bv] (float32; float64 for float64
   // inputs) of texts t [Bt, L, D] and videos v [Bv, F, D]; masks [Bt, L] / [Bv, F] of any
   // real dtype, weights floating. See csrc/common/wti.h for the formula and tie rule.
   m.def("wti_similarity(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
@@ -43,7 +43,7 @@ TORCH_LIBRARY(nbretr, m) {
   m.def("_wti_cpu_plan(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
         "Tensor? grad) -> Tensor");
 
-  // KERNELS.md 2, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
+  // docs/operators.md, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
   // top-k (descending; ties: lower gallery index first); adds the k-occurrences into
   // counts [G] int64 and the similarity sums into sums [G] fp64 in place. exclude_self:
   // query row r is gallery item r + q_offset and is never a candidate (nor summed).

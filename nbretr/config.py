@@ -25,7 +25,7 @@ log = logging.getLogger("nbretr")
 @dataclass
 class TrainConfig(NeighborRetrConfig):
     """A run's options: every field of the model's :class:`NeighborRetrConfig` (the method's
-    losses, the architecture, the tiny CLIP; METHOD.md defaults, declared once there) and
+    losses, the architecture, the tiny CLIP; the reference's defaults, declared once there) and
     the data, optimisation and run fields below. A few model fields get run defaults here:
     ``image_size`` (None: 224 with CLIP, the synthetic frame size otherwise), ``backend``;
     ``cluster_mlp``, ``gather_reduce_grads`` and ``grad_world_size`` come from the recipe
@@ -107,7 +107,7 @@ class TrainConfig(NeighborRetrConfig):
 # "Training and evaluation"): with the reference's settings the encoders collapse (R@1 at
 # chance: L_wti's gradient through its weights pushes every global token away from the
 # batch); with constant L_wti weights (detach_centrality) but w_opt = 1 text->video R@1
-# was 2.8%; with w_opt = 0.1 as well, 4.4%. Every other value is METHOD.md's, and any of
+# was 2.8%; with w_opt = 0.1 as well, 4.4%. Every other value is the reference's, and any of
 # these can be set back on the command line.
 EMBEDDED_DEFAULTS: dict[str, Any] = dict(
     batch_size=64, epochs=12, lr=1e-3, coef_lr=1.0, weight_decay=0.01, mb_batch=4,

@@ -1,16 +1,16 @@
-"""The losses of NeighborRetr (METHOD.md "Losses"), one function each, for ONE direction.
+"""The losses of NeighborRetr (docs/method.md, "Losses"), one function each, for ONE direction.
 
 Every function takes plain tensors (rows = queries, columns = gallery) and returns a scalar.
 The model (:mod:`nbretr.models.neighborretr`) calls each twice, on ``s`` (text→video) and on
 ``sᵀ`` (video→text), and averages. All of them compute in float32 (float64 stays float64),
 so they are safe to call under autocast.
 
-| METHOD.md | here |
+| docs/method.md | here |
 |---|---|
-| Losses 1, centrality weighting (L_wti) | :func:`centrality_weighting_loss` |
-| Losses 2, neighbour adjusting (L_nbi)  | :func:`neighbor_adjusting_loss` |
-| Losses 3, uniform regularisation (L_opt) | :func:`uniform_regularization_loss` |
-| Losses 4, KL consistency (L_kl)        | :func:`kl_consistency_loss` |
+| Loss 1, centrality weighting (L_wti) | :func:`centrality_weighting_loss` |
+| Loss 2, neighbour adjusting (L_nbi)  | :func:`neighbor_adjusting_loss` |
+| Loss 3, uniform regularisation (L_opt) | :func:`uniform_regularization_loss` |
+| Loss 4, KL consistency (L_kl)        | :func:`kl_consistency_loss` |
 | baseline (plain symmetric InfoNCE)    | :func:`infonce_loss` |
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def infonce_loss(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.autocast("cuda", enabled=False)
 def centrality_weighting_loss(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L_wti for one direction (METHOD.md "Losses" item 1):
+    """L_wti for one direction (docs/method.md, "Loss 1"):
     ``−mean_i w_i · log_softmax_j(logits_ij)[i, i]``, weights NOT normalised.
 
     logits [B, B] = ``logit_scale · s`` (rows queries); weights [B] = ``exp(κ·c_i)`` of the
@@ -92,7 +92,7 @@ def neighbor_adjusting_loss(sim: torch.Tensor, bank_sim: torch.Tensor | None, nu
                             temperature: float, *, centrality: torch.Tensor | None = None,
                             normalize_over: Literal["complement", "neighbors"] = "complement"
                             ) -> torch.Tensor:
-    """L_nbi for one direction (METHOD.md "Losses" item 2).
+    """L_nbi for one direction (docs/method.md, "Loss 2").
 
     Args:
         sim: [B, B] batch similarity ``S`` (rows queries, columns gallery; no logit scale).
@@ -149,7 +149,7 @@ def neighbor_adjusting_loss(sim: torch.Tensor, bank_sim: torch.Tensor | None, nu
 def uniform_regularization_loss(sim: torch.Tensor, temperature: float, beta: float, n_iters: int,
                                 detach_plan: bool = True, *, backend: ops.Backend | None = None
                                 ) -> torch.Tensor:
-    """L_opt for one direction (METHOD.md "Losses" item 3) on the global matrix ``G [m, n]``.
+    """L_opt for one direction (docs/method.md, "Loss 3") on the global matrix ``G [m, n]``.
 
     ``Q = exp(log_plan + log(m+n))`` from :func:`nbretr.ops.sinkhorn_log` on the raw scores
     (marginals ``−log(m+n)``, ``n_iters`` iterations; plan detached unless ``detach_plan`` is
@@ -166,7 +166,7 @@ def uniform_regularization_loss(sim: torch.Tensor, temperature: float, beta: flo
 
 @torch.autocast("cuda", enabled=False)
 def kl_consistency_loss(global_sim: torch.Tensor, local_sim: torch.Tensor) -> torch.Tensor:
-    """L_kl for one direction (METHOD.md "Losses" item 4):
+    """L_kl for one direction (docs/method.md, "Loss 4"):
     ``KL(softmax(local) ‖ softmax(global))`` row-wise, summed and divided by ``n²`` (PyTorch
     ``kl_div(log_softmax(global), softmax(local), reduction='mean')``, as the reference)."""
     _check_matrix("global_sim", global_sim)

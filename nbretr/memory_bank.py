@@ -1,4 +1,4 @@
-"""The memory bank of NeighborRetr (METHOD.md "Memory bank") on ``ring_push``.
+"""The memory bank of NeighborRetr (docs/method.md, "Memory bank") on ``ring_push``.
 
 At each epoch start the bank is refilled from ``mb_batch`` encoded batches
 (:meth:`MemoryBank.fill`); after every step the step's batch is pushed
@@ -47,7 +47,7 @@ class MemoryBank:
     def for_features(cls, capacity: int, max_words: int, max_frames: int, dim: int,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                      mask_dtype: torch.dtype = torch.long, **kw) -> "MemoryBank":
-        """The bank of METHOD.md: token-level text/video features, masks, sample ids."""
+        """The bank of docs/method.md: token-level text/video features, masks, sample ids."""
         return cls(capacity, {
             "text": ((max_words, dim), dtype),
             "text_mask": ((max_words,), mask_dtype),

@@ -1,4 +1,4 @@
-"""The reference's optimiser and schedule (METHOD.md "Training").
+"""The reference's optimiser and schedule (docs/method.md, "Optimiser").
 
 ``BertAdam``: Adam with decoupled weight decay and *no bias correction*, as the reference's
 optimiser (from CLIP4Clip) computes it; ``warmup_cosine``: linear warm-up over the first

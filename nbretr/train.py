@@ -330,7 +330,7 @@ class Trainer:
     # memory bank -----------------------------------------------------------------
     @torch.no_grad()
     def refill_bank(self, loader_iter_factory) -> None:
-        """METHOD.md: at each epoch start, encode ``mb_batch`` training batches without
+        """docs/method.md: at each epoch start, encode ``mb_batch`` training batches without
         gradient (every rank's share, all-gathered) and refill the bank with them."""
         if self.bank is None:
             return

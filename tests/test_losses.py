@@ -49,7 +49,7 @@ def test_centrality_weighting_by_hand():
 
 
 def np_neighbor_loss(S, M, k, tau, over="complement", centrality=None):
-    """METHOD.md Losses 2 with explicit loops."""
+    """docs/method.md "Loss 2" with explicit loops."""
     B = S.shape[0]
     c = M.mean(axis=1) if centrality is None else centrality
     k = min(k, B - 1)

@@ -1,4 +1,4 @@
-"""ring_push / ring_view against the reference's concatenate-and-slice (KERNELS.md 3)."""
+"""ring_push / ring_view against the reference's concatenate-and-slice (docs/operators.md)."""
 import random
 
 import pytest

@@ -1,4 +1,4 @@
-"""sinkhorn_log: ext vs torch path vs POT, marginals, masks, tol, gradients (KERNELS.md 4)."""
+"""sinkhorn_log: ext vs torch path vs POT, marginals, masks, tol, gradients (docs/operators.md)."""
 import math
 
 import numpy as np

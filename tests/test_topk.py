@@ -1,4 +1,4 @@
-"""topk_centrality (sim="dot") on every backend against a full-matrix oracle (KERNELS.md 2).
+"""topk_centrality (sim="dot") on every backend against a full-matrix oracle (docs/operators.md).
 
 Two kinds of inputs:
 - small integers (exact products and sums in fp32, also from fp16/bf16): values, indices,

@@ -1,4 +1,4 @@
-"""wti_similarity (KERNELS.md 1): ext vs torch path, gradients, gradcheck, low precision,
+"""wti_similarity (docs/operators.md): ext vs torch path, gradients, gradcheck, low precision,
 masks, ties, errors, opcheck."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// Ring-buffer index arithmetic for ring_push / ring_view (KERNELS.md section 3).
+// Ring-buffer index arithmetic for ring_push / ring_view (docs/operators.md).
 //
 // Layout invariant: the bank's rows, newest first, are the physical rows
 // head, head+1, ..., head+filled-1 (mod capacity). Pushing a batch of n rows keeps its

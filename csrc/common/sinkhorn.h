@@ -1,4 +1,4 @@
-// Log-domain Sinkhorn (KERNELS.md section 4): the per-element math shared by the CPU
+// Log-domain Sinkhorn (docs/operators.md): the per-element math shared by the CPU
 // (csrc/cpu/sinkhorn.cpp) and CUDA (csrc/cuda/sinkhorn.cu) kernels, so that the CPU tests
 // exercise the code the GPU runs.
 //

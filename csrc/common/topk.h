@@ -1,5 +1,5 @@
-// Top-k lists with nbretr's tie rule for the kernels of topk_centrality (KERNELS.md
-// section 2). The CUDA kernel orders candidates with topk_better and topk_bitonic_step; the
+// Top-k lists with nbretr's tie rule for the kernels of topk_centrality (docs/operators.md).
+// The CUDA kernel orders candidates with topk_better and topk_bitonic_step; the
 // CPU kernel packs the same order into integer keys (csrc/cpu/topk_engine.h) and merges
 // lists with topk_merge (which the CPU tests run through topk_better).
 //

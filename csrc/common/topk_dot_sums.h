@@ -1,4 +1,4 @@
-// The similarity sums of topk_centrality for sim="dot" (KERNELS.md 2: per gallery item, the
+// The similarity sums of topk_centrality for sim="dot" (docs/operators.md: per gallery item, the
 // sum of its similarities over all queries), without any tile: by linearity
 // sum_i q_i . g_j = (sum_i q_i) . g_j, in fp64 from the inputs (exact there), minus the own
 // item's term q_{j - q_offset} . g_j under exclude_self. O((Q + G) * D) work instead of an

@@ -1,5 +1,5 @@
 // WTI (weighted token-wise interaction) max-and-weigh step, shared by the CPU and CUDA
-// kernels of wti_similarity (KERNELS.md section 1).
+// kernels of wti_similarity (docs/operators.md, "wti_similarity").
 //
 // One text-video pair (i, j) is seen through a WtiPair: the raw token dot products
 // raw[l, f] = <t_il, v_jf> at S[l * ld + f] (a block of a larger tile), the masks and

@@ -1,4 +1,4 @@
-"""The CLIP backbone (METHOD.md "Encoders") on transformers' ``CLIPModel``.
+"""The CLIP backbone (docs/method.md, "Encoders") on transformers' ``CLIPModel``.
 
 - :func:`encode_text_tokens`: every token's final hidden state (``last_hidden_state`` already
   has ``final_layer_norm``) through ``text_projection`` → ``[B, L, D]``.

@@ -1,4 +1,4 @@
-"""Global features by token clustering (METHOD.md "Global features").
+"""Global features by token clustering (docs/method.md, "Global features").
 
 Two rounds of cluster-and-merge per modality end at ONE global token per sample, for any
 number of tokens N: round 1 keeps ``ceil(N·ratio)`` clusters (reference ratios: text 1/6,
@@ -16,7 +16,7 @@ Each round (:class:`ClusterMerge` then :class:`MergeBlock`):
 3. merge (:func:`merge_tokens`): weighted average of the mixed tokens within each cluster;
 4. block: the merged tokens attend (pre-LayerNorm, shared norm for queries and keys) over
    the round's mixed tokens with the scores as an additive attention bias, residual;
-   then an MLP (``cluster_mlp=True``, METHOD.md; the reference's block has no MLP: set
+   then an MLP (``cluster_mlp=True``, the default; the reference's block has no MLP: set
    ``mlp=False`` to match it).
 
 Deviations from the reference, on purpose: the density tie-break is deterministic

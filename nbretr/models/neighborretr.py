@@ -1,18 +1,18 @@
-"""The NeighborRetr model (METHOD.md): CLIP encoders, temporal transformer, WTI head,
+"""The NeighborRetr model (docs/method.md): CLIP encoders, temporal transformer, WTI head,
 token clustering, and the composition of the four losses of :mod:`nbretr.losses`.
 
 Where each equation lives:
 
-| METHOD.md | code |
+| docs/method.md | code |
 |---|---|
 | Encoders (text tokens, frame CLS) | :mod:`nbretr.models.clip` (:func:`encode_text_tokens`, :func:`encode_frames`) |
 | Encoders (temporal transformer, residual) | :mod:`nbretr.models.temporal` |
 | Fine-grained similarity (WTI) | :mod:`nbretr.models.wti` → :func:`nbretr.ops.wti_similarity` |
 | Global features, ``g_ij`` | :mod:`nbretr.models.clustering`; :meth:`NeighborRetr.global_similarity` |
-| Losses 1 (``c_i``, ``w_i``) | :meth:`NeighborRetr.centrality_weights`; :func:`nbretr.losses.centrality_weighting_loss` |
-| Losses 2 (bank centrality) | :meth:`NeighborRetr.bank_centrality`; :func:`nbretr.losses.neighbor_adjusting_loss` |
-| Losses 3 | :func:`nbretr.losses.uniform_regularization_loss` → :func:`nbretr.ops.sinkhorn_log` |
-| Losses 4 | :func:`nbretr.losses.kl_consistency_loss` |
+| Loss 1 (``c_i``, ``w_i``) | :meth:`NeighborRetr.centrality_weights`; :func:`nbretr.losses.centrality_weighting_loss` |
+| Loss 2 (bank centrality) | :meth:`NeighborRetr.bank_centrality`; :func:`nbretr.losses.neighbor_adjusting_loss` |
+| Loss 3 | :func:`nbretr.losses.uniform_regularization_loss` → :func:`nbretr.ops.sinkhorn_log` |
+| Loss 4 | :func:`nbretr.losses.kl_consistency_loss` |
 | total, both directions | :meth:`NeighborRetr.loss` |
 | ``logit_scale`` ≤ log(100) | :meth:`NeighborRetr.clamp_logit_scale` |
 """
@@ -42,7 +42,7 @@ log = logging.getLogger("nbretr")
 
 @dataclass
 class NeighborRetrConfig:
-    """Every knob of the model and its losses; defaults are METHOD.md's (reference) values.
+    """Every knob of the model and its losses; defaults are the reference's values (docs/method.md).
 
     CLIP: ``clip_path`` (a local HF directory or an OpenAI ``.pt``; ``None`` = a random tiny
     CLIP from ``vocab_size``, ``image_size``, ``clip_width``, ``clip_layers``, ``clip_heads``,
@@ -50,7 +50,7 @@ class NeighborRetrConfig:
 
     max_words: int = 24
     max_frames: int = 12
-    # losses (METHOD.md "Losses")
+    # losses (docs/method.md, "Losses")
     centrality_scale: float = 0.3          # κ
     num_neighbors: int = 20                # k
     temperature: float = 3.0               # τ
@@ -203,7 +203,7 @@ class NeighborRetr(nn.Module):
 
     def centrality_weights(self, tokens: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
         """``w_i = exp(κ·c_i)``, ``c_i`` = mean over every token x of the batch (valid or not) of
-        ``<ĝ_i, x̂>`` (METHOD.md "Losses" item 1). tokens ``[B, N, D]``, global ``[B, D]`` → ``[B]``."""
+        ``<ĝ_i, x̂>`` (docs/method.md, "Centrality"). tokens ``[B, N, D]``, global ``[B, D]`` → ``[B]``."""
         x_hat = F.normalize(tokens.float().reshape(-1, tokens.shape[-1]), dim=-1)
         g_hat = F.normalize(global_tokens.float(), dim=-1)
         c = g_hat @ x_hat.mean(dim=0)

@@ -1,4 +1,4 @@
-"""The temporal transformer over frames (METHOD.md "Encoders", Video).
+"""The temporal transformer over frames (docs/method.md, "Encoders").
 
 ``V = Transformer(F + P) + F``: learned frame position embeddings ``P`` (a table of CLIP's
 context length, initialised from CLIP's text positional embedding), ``layers`` (default 4)

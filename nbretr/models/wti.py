@@ -1,4 +1,4 @@
-"""The WTI head (METHOD.md "Fine-grained similarity"): two token-weight MLPs and the
+"""The WTI head (docs/method.md, "Fine-grained similarity (WTI)"): two token-weight MLPs and the
 weighted token-wise similarity through :func:`nbretr.ops.wti_similarity`.
 
 ``a_t = softmax_l(MLP_t(T)_l)`` over valid text tokens, ``a_v = softmax_f(MLP_v(V)_f)`` over

@@ -1,4 +1,4 @@
-"""``ring_push`` / ``ring_view``: the in-place circular memory-bank update (KERNELS.md 3)."""
+"""``ring_push`` / ``ring_view``: the in-place circular memory-bank update (docs/operators.md)."""
 from __future__ import annotations
 
 from typing import Sequence

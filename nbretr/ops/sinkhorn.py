@@ -1,6 +1,6 @@
-"""``sinkhorn_log``: batched log-domain Sinkhorn with an exact backward (KERNELS.md 4).
+"""``sinkhorn_log``: batched log-domain Sinkhorn with an exact backward (docs/operators.md).
 
-Used by the uniform-regularisation loss (METHOD.md loss 3) on the n x n global
+Used by the uniform-regularisation loss (docs/method.md, "Loss 3") on the n x n global
 similarity matrix every training step.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def sinkhorn_log(scores: torch.Tensor, log_mu: torch.Tensor | None = None, log_n
 
     With ``K = scores / eps``, ``a = log_mu``, ``b = log_nu`` and ``u_0 = v_0 = 0``, each
     iteration t = 1, 2, ... updates ``u_t = a - LSE_j(K_ij + v_{t-1,j})`` and then
-    ``v_t = b - LSE_i(K_ij + u_t,i)`` (METHOD.md loss 3; the reference's loop).
+    ``v_t = b - LSE_i(K_ij + u_t,i)`` (docs/method.md, "Loss 3"; the reference's loop).
 
     Args:
         scores: ``[B, M, N]`` float32/float64, or float16/bfloat16 (computed in float32).
@@ -95,7 +95,7 @@ def sinkhorn_log(scores: torch.Tensor, log_mu: torch.Tensor | None = None, log_n
 
     Returns:
         ``(log_plan [B, M, N], log_u [B, M], log_v [B, N], iters_done [B] int64)``, in
-        float64 for float64 scores, else float32. ``log_plan = K + u + v``; METHOD.md's
+        float64 for float64 scores, else float32. ``log_plan = K + u + v``; L_opt's
         plan is ``Q = exp(log_plan + log(M + N))``. Empty problems (B, M or N = 0) return
         an empty plan, zero potentials and ``iters_done = 0``.
 

@@ -1,5 +1,5 @@
 """``topk_centrality``: tiled similarity with online top-k and centrality counting
-(KERNELS.md section 2)."""
+(docs/operators.md, "topk_centrality")."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""``wti_similarity``: fused token-wise (WTI) similarity with backward (KERNELS.md 1)."""
+"""``wti_similarity``: fused token-wise (WTI) similarity with backward (docs/operators.md)."""
 from __future__ import annotations
 
 import torch

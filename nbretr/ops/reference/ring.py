@@ -1,4 +1,4 @@
-"""Ring buffer, pure PyTorch (KERNELS.md section 3)."""
+"""Ring buffer, pure PyTorch (docs/operators.md)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Log-domain Sinkhorn, pure PyTorch (KERNELS.md section 4): the reference's loop of
+"""Log-domain Sinkhorn, pure PyTorch (docs/operators.md): the reference's loop of
 ``logsumexp`` calls, batched over problems. Differentiable through PyTorch autograd."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""topk_centrality, pure PyTorch (KERNELS.md section 2): chunked matrix products, top-k
+"""topk_centrality, pure PyTorch (docs/operators.md): chunked matrix products, top-k
 per tile merged into a running top-k with the tie rule enforced, counts by bincount and
 sums in fp64.
 

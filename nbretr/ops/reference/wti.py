@@ -1,4 +1,4 @@
-"""WTI token-wise similarity, pure PyTorch (KERNELS.md section 1): the reference's
+"""WTI token-wise similarity, pure PyTorch (docs/operators.md): the reference's
 einsum formulation, which holds the whole [Bt, Bv, L, F] similarity tensor."""
 from __future__ import annotations
 
