@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 lock = FolderLock(out_dir)
             splits = ("train", "test") if corr else ("test",)
             tok = build_tokenizer(cfg, run_dir)
-            data = build_datasets(cfg, tok, splits)
+            data = build_datasets(cfg, tok, splits, out_dir=out_dir if dist_.is_main else None)
             model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
             model.load_state_dict(state["model"])
             metrics = evaluate(model, data["test"], cfg, dist_, k=args.k if args.k is not None else cfg.eval_k,

@@ -56,9 +56,11 @@ def image_size(cfg: TrainConfig) -> int:
     return 224
 
 
-def _dataset(cfg: TrainConfig, split: str, tokenizer):
+def _dataset(cfg: TrainConfig, split: str, tokenizer, out_dir: Path | None = None):
     from nbretr.data import build_dataset
     kw: dict[str, Any] = {}
+    if out_dir is not None and cfg.dataset != "synthetic":
+        kw["missing_list"] = Path(out_dir) / f"missing_videos_{split}.txt"
     if cfg.dataset == "synthetic":
         kw["size"] = cfg.synthetic_size
     if cfg.train_split and split == "train":
@@ -112,8 +114,11 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
     return tok
 
 
-def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
-    return {split: _dataset(cfg, split, tokenizer) for split in splits}
+def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("train", "test"),
+                   out_dir: Path | None = None) -> dict[str, Any]:
+    """The splits; with ``out_dir``, a split that misses a few videos lists their ids in
+    ``out_dir/missing_videos_<split>.txt``."""
+    return {split: _dataset(cfg, split, tokenizer, out_dir) for split in splits}
 
 
 def build_model(cfg: TrainConfig, vocab_size: int | None):
@@ -173,7 +178,8 @@ class Trainer:
         self.device = dist_.device
         torch.manual_seed(cfg.seed)
         self.tokenizer = build_tokenizer(cfg, run_dir if dist_.is_main else None)
-        datasets = build_datasets(cfg, self.tokenizer, ("train", "test") if cfg.do_eval else ("train",))
+        datasets = build_datasets(cfg, self.tokenizer, ("train", "test") if cfg.do_eval else ("train",),
+                                  out_dir=run_dir if dist_.is_main else None)
         self.train_ds, self.test_ds = datasets["train"], datasets.get("test")
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, getattr(self.tokenizer, "vocab_size", None)).to(self.device)

@@ -271,3 +271,22 @@ def test_train_cli_options_reach_the_dataset(tmp_path, tok):
     cfg = resolve_config(args)
     ds = _dataset(cfg, "test", tok)
     assert ds.video_folder == tmp_path / "vids" and ds.missing_videos == ["video7001"] and len(ds) == 2
+
+
+def test_evaluation_counts_and_reports_missing_test_videos(tmp_path, tok):
+    """A missing test video stays a query's target (the test set is whole) and the report
+    says how many are missing next to the metrics."""
+    from nbretr.config import TrainConfig
+    from nbretr.eval import evaluate, format_report
+    from nbretr.models import NeighborRetr
+    root = tmp_path / "msrvtt"
+    _msrvtt(root, n_test=3, have={0, 1, 2, 7000, 7002})
+    ds = build_dataset("msrvtt", root, "test", tok, image_size=16, allow_missing=True, max_frames=2,
+                       max_words=8, missing_list=tmp_path / "m.txt")
+    cfg = TrainConfig(dataset="msrvtt", num_workers=0, max_words=8, max_frames=2)
+    torch.manual_seed(0)
+    model = NeighborRetr(cfg.model_config(vocab_size=tok.vocab_size, image_size=16, patch_size=8,
+                                          temporal_layers=1))
+    m = evaluate(model, ds, cfg, k=2)
+    assert m["missing_videos"] == 1 and m["t2v"]["num_queries"] == 3 and m["t2v"]["num_gallery"] == 3
+    assert "missing videos: 1 of the test split's videos were not found" in format_report(m)
