@@ -1,10 +1,12 @@
 """The build and the backend switch (issue: foundation)."""
+import importlib.metadata
 import json
 import shutil
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,34 @@ def test_cuda_kernels_compiled_where_nvcc_and_cuda_torch():
     assert info["built_cuda_version"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+# An editable install's import hook comes before sys.path; a test that means to import a
+# copy of the sources first removes it.
+HIDE_EDITABLE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+                 "if not type(f).__name__.startswith('ScikitBuild')]\n")
+
+
+def _installed_nbretr() -> Path | None:
+    """The folder of the installed build (its _build_info.json), None when nbretr is not installed."""
+    try:
+        dist = importlib.metadata.distribution("nbretr")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "_build_info.json" and f.parent.name == "nbretr" and Path(dist.locate_file(f)).is_file():
+            return Path(dist.locate_file(f)).resolve().parent
+    return None
+
+
+def _require_installed() -> Path:
+    where = _installed_nbretr()
+    if where is not None:
+        return where
+    if os.environ.get("NBRETR_REQUIRE_EXT", "0") == "1":
+        pytest.fail("NBRETR_REQUIRE_EXT=1 but nbretr is not installed (pip install --no-build-isolation .)")
+    pytest.skip("nbretr is not installed with its extension (pip install --no-build-isolation .)")
+
+
 def _run_py(code: str, cwd=None, **env) -> subprocess.CompletedProcess:
     e = dict(os.environ, **env)
     return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=e,
@@ -69,7 +99,7 @@ def test_disabled_extension_warns_once_and_runs_torch_path():
     assert r.stderr.count("extension not loaded") == 1, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "0 2 4 False"
-    assert lines[1].startswith("ERR") and "backend='ext'" in lines[1] and "pip install --no-build-isolation" in lines[1]
+    assert lines[1].startswith("ERR") and "backend='ext'" in lines[1] and "Unset NBRETR_DISABLE_EXT" in lines[1]
 
 
 def test_mismatched_build_is_refused(tmp_path):
@@ -79,7 +109,7 @@ def test_mismatched_build_is_refused(tmp_path):
     subprocess.run(["cp", "-r", src, str(tmp_path)], check=True)
     (pkg / "_build_info.json").write_text(json.dumps({"torch_version": "0.0.1", "cuda_compiled": False,
                                                       "cuda_archs": []}))
-    r = _run_py("import nbretr; i=nbretr.build_info(); print(i['extension_loaded'], i['reason'])",
+    r = _run_py(HIDE_EDITABLE + "import nbretr; i=nbretr.build_info(); print(i['extension_loaded'], i['reason'])",
                 cwd=str(tmp_path), PYTHONPATH=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("False built against torch 0.0.1"), r.stdout
@@ -107,3 +137,39 @@ def test_ext_on_cpu_when_built():
     require_ext("cpu")
     assert _backend.resolve("ring_push", "ext", torch.device("cpu")) == "ext"
     assert hasattr(torch.ops.nbretr, "ring_push")
+
+
+def test_import_from_the_repository_root_uses_the_installed_extension():
+    """What the README's first command does: install, then `python -m nbretr.train` from the
+    repository root. The root must not hold a source copy of the package that hides the
+    installed build (its `_C`), for a plain and for an editable install alike."""
+    _require_installed()
+    if not (REPO / "pyproject.toml").is_file():
+        pytest.skip("not run from a source checkout")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NBRETR_DISABLE_EXT")}
+    code = "import nbretr; i = nbretr.build_info(); print(i['extension_loaded']); print(i['reason'])"
+    outputs = []
+    for args in (["-c", code], ["-m", "nbretr.train", "--help"]):
+        r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "extension not loaded" not in r.stderr, r.stderr
+        outputs.append(r.stdout)
+    assert outputs[0].splitlines()[0] == "True", outputs[0]
+
+
+def test_a_source_copy_shadowing_the_install_says_so(tmp_path):
+    """A folder of bare sources found before the installed build (the working directory, or
+    PYTHONPATH): the warning names both places instead of advising an install that is done."""
+    installed = _require_installed()
+    pkg_src = Path(nbretr.__file__).resolve().parent
+    shutil.copytree(pkg_src, tmp_path / "nbretr",
+                    ignore=shutil.ignore_patterns("_C*", "_build_info.json", "__pycache__"))
+    r = _run_py(HIDE_EDITABLE + "import nbretr; i = nbretr.build_info(); print(i['extension_loaded'], nbretr.__file__)",
+                cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False " + str(tmp_path)), r.stdout
+    assert "extension not loaded" in r.stderr
+    assert "shadows the installed build in " + str(installed) in r.stderr, r.stderr
+    assert "run from a folder that does not contain nbretr/" in r.stderr, r.stderr
+

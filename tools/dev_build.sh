@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Developer build: compile nbretr._C with CMake and copy it into ./nbretr, so that
-# `PYTHONPATH=. pytest` tests this working tree without `pip install`.
+# Developer build: compile nbretr._C with CMake and copy it into ./src/nbretr, so that
+# `PYTHONPATH=src pytest` tests this working tree without `pip install`.
 #   tools/dev_build.sh            CPU + CUDA kernels (when nvcc and CUDA torch exist)
 #   NBRETR_CPU_ONLY=1 tools/dev_build.sh   CPU kernels only (fast)
 # PYTHON selects the interpreter (default: python3 on PATH); CMAKE_ARGS adds CMake options.

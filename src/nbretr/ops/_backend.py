@@ -75,8 +75,9 @@ def resolve(op: str, backend: Backend | None, device: torch.device) -> str:
         return "ext"
     if choice == "ext":
         raise RuntimeError(
-            f"nbretr.ops.{op}: backend='ext' requested but {why}. To build it, {_ext.BUILD_HINT}; "
-            "or use backend='torch'."
+            f"nbretr.ops.{op}: backend='ext' requested but {why}. "
+            + (f"{_ext.ext_advice()}; or use" if not _ext.ext_loaded() else "Or use")
+            + " backend='torch'."
         )
     key = (op, device.type)
     # A missing extension was already reported once at import; warn here only about
