@@ -67,7 +67,7 @@ if want build; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DPython_INCLUDE_DIR=$PWD/.pyinc/$ver"
   fi
   step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! PYTHON=$PY NBRETR_BUILD_JOBS=$(nproc) run_timed build 300 "$OUT/build.log" tools/dev_build.sh; then
+  if ! PYTHON=$PY NBRETR_CUDA=1 NBRETR_BUILD_JOBS=$(nproc) run_timed build 300 "$OUT/build.log" tools/dev_build.sh; then
     tail -40 "$OUT/build.log"; echo "BUILD FAILED"; printf '%s\n' "${SUMMARY[@]}"; exit 1
   fi
   grep -E "warning|ptxas" "$OUT/build.log" | head -20

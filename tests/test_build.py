@@ -31,18 +31,25 @@ def test_build_info_keys():
         assert info["reason"]
 
 
-def test_cuda_kernels_compiled_where_nvcc_and_cuda_torch():
-    """Where nvcc and a CUDA build of torch are present (this machine, CI), the default build
-    compiles the CUDA kernels for at least 8.0 and 9.0."""
-    if shutil.which("nvcc") is None or torch.version.cuda is None:
-        pytest.skip("no nvcc on PATH or a CPU build of torch: CUDA kernels are not expected")
-    if os.environ.get("NBRETR_CPU_ONLY", "0") == "1" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        pytest.skip("CPU-only build or a custom TORCH_CUDA_ARCH_LIST was requested")
+def test_cuda_kernels_follow_the_build_option():
+    """The build records how NBRETR_CUDA chose (auto / 1 / 0) and keeps to it: 1 compiles the
+    CUDA kernels (CI has nvcc but no GPU, and still compiles them), 0 does not, auto only
+    where a GPU is visible (a CPU-only machine gets the fast CPU-only build)."""
+    require_ext("cpu")
     info = nbretr.build_info()
-    assert info["extension_loaded"], info["reason"]
-    assert info["cuda_compiled"]
-    assert {"8.0", "9.0"} <= set(info["cuda_archs"])
-    assert info["built_cuda_version"]
+    assert info["cuda_mode"] in ("auto", "1", "0"), info
+    assert info["cuda_decision"], info
+    if info["cuda_mode"] == "1":
+        assert info["cuda_compiled"], info
+        assert info["built_cuda_version"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            assert {"8.0", "9.0"} <= set(info["cuda_archs"])
+    elif info["cuda_mode"] == "0":
+        assert not info["cuda_compiled"] and info["cuda_archs"] == [], info
+    elif not torch.cuda.is_available() or torch.version.cuda is None:
+        assert not info["cuda_compiled"], info
+    elif shutil.which("nvcc"):
+        assert info["cuda_compiled"], info
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,3 +180,52 @@ def test_a_source_copy_shadowing_the_install_says_so(tmp_path):
     assert "shadows the installed build in " + str(installed) in r.stderr, r.stderr
     assert "run from a folder that does not contain nbretr/" in r.stderr, r.stderr
 
+
+def _cmake() -> list[str]:
+    cmake = shutil.which("cmake", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if cmake is None or not (REPO / "CMakeLists.txt").is_file():
+        pytest.skip("no cmake or no CMakeLists.txt (not a source checkout)")
+    ninja = shutil.which("ninja", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return [cmake, "-S", str(REPO), "-DPython_EXECUTABLE=" + sys.executable] + (
+        ["-G", "Ninja", "-DCMAKE_MAKE_PROGRAM=" + ninja] if ninja else [])
+
+
+def test_cmake_cuda_option_configure_only(tmp_path):
+    """The NBRETR_CUDA choice at configure time (no compilation), in one reused build folder as
+    `pip install` reuses build/: 0 and the older NBRETR_CPU_ONLY=1 give a CPU-only build; the
+    variable does not stick in the cache (the next configure without it is auto again); auto
+    with no visible GPU is CPU-only; 1 where no nvcc can be used fails, naming the way out; a
+    bad value fails."""
+    base = _cmake() + ["-B", str(tmp_path / "b")]
+    clean = {k: v for k, v in os.environ.items() if k not in ("NBRETR_CUDA", "NBRETR_CPU_ONLY", "CUDACXX")}
+
+    def configure(**env):
+        r = subprocess.run(base, env={**clean, **env}, capture_output=True, text=True, timeout=600)
+        info = None
+        if r.returncode == 0:
+            info = json.loads((tmp_path / "b" / "_build_info.json").read_text())
+        return r, info
+
+    r, info = configure(NBRETR_CUDA="0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert info["cuda_mode"] == "0" and info["cuda_compiled"] is False, info
+    assert "NBRETR_CUDA=0" in info["cuda_decision"]
+
+    r, info = configure(CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert info["cuda_mode"] == "auto" and info["cuda_compiled"] is False, info
+    if torch.version.cuda is not None and shutil.which("nvcc"):
+        assert "no visible GPU" in info["cuda_decision"], info
+
+    r, info = configure(NBRETR_CPU_ONLY="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert info["cuda_mode"] == "0" and info["cuda_compiled"] is False, info
+
+    r, _ = configure(NBRETR_CUDA="1", CUDACXX=str(tmp_path / "no-such-nvcc"))
+    assert r.returncode != 0
+    err = " ".join((r.stdout + r.stderr).split())
+    assert "requires the CUDA kernels" in err and "NBRETR_CUDA=0" in err, err
+
+    r, _ = configure(NBRETR_CUDA="maybe")
+    assert r.returncode != 0
+    assert "expected auto, 1 or 0" in r.stdout + r.stderr

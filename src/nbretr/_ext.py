@@ -147,6 +147,11 @@ def ext_advice() -> str:
     return str(_state["advice"])
 
 
+def build_record() -> dict[str, Any]:
+    """The build's own record (``_build_info.json``), {} when none was found."""
+    return dict(_state["info"])
+
+
 def build_info() -> dict[str, Any]:
     """What nbretr runs on: extension loaded (or why not), CUDA kernels, archs, versions."""
     info = _state["info"]
@@ -156,6 +161,9 @@ def build_info() -> dict[str, Any]:
         "extension_loaded": ext_loaded(),
         "reason": _state["reason"] or None,
         "cuda_compiled": ext_has_cuda() if mod else bool(info.get("cuda_compiled", False)),
+        # how the build chose (NBRETR_CUDA=auto|1|0) and why: from _build_info.json
+        "cuda_mode": info.get("cuda_mode"),
+        "cuda_decision": info.get("cuda_decision"),
         "cuda_archs": archs,
         "built_torch_version": mod.torch_version if mod else info.get("torch_version"),
         "built_cuda_version": (mod.cuda_version if mod else info.get("cuda_version")) or None,

@@ -61,7 +61,10 @@ def ext_supports(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         if _ext.ext_has_cuda():
             return True, ""
-        return False, "the extension was built without CUDA kernels"
+        decision = _ext.build_record().get("cuda_decision")
+        return False, ("the extension was built without CUDA kernels"
+                       + (f" ({decision})" if decision else "")
+                       + "; rebuild with `NBRETR_CUDA=1 pip install --no-build-isolation .`")
     return False, f"the extension has no kernels for device type {device.type!r}"
 
 
