@@ -20,7 +20,7 @@ BUDGET=${GPU_CHECK_BUDGET:-420}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONUNBUFFERED=1
 command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 T0=$SECONDS
 status=0
 SUMMARY=(); SKIPPED=()
@@ -67,7 +67,7 @@ if want build; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DPython_INCLUDE_DIR=$PWD/.pyinc/$ver"
   fi
   step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! PYTHON=$PY NBRETR_BUILD_JOBS=$(nproc) run_timed build 300 "$OUT/build.log" tools/dev_build.sh; then
+  if ! PYTHON=$PY NBRETR_CUDA=1 NBRETR_BUILD_JOBS=$(nproc) run_timed build 300 "$OUT/build.log" tools/dev_build.sh; then
     tail -40 "$OUT/build.log"; echo "BUILD FAILED"; printf '%s\n' "${SUMMARY[@]}"; exit 1
   fi
   grep -E "warning|ptxas" "$OUT/build.log" | head -20

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
 def kernel_tiles(device: str, G: int) -> tuple[int, int]:
     """The extension's default (query chunk, gallery tile) on the device
     (csrc/common/topk_tiles.h, reported by nbretr._C.topk_tiles); without the extension,
-    the torch path's (nbretr/ops/reference/topk.py)."""
+    the torch path's (src/nbretr/ops/reference/topk.py)."""
     if ops._backend._ext.ext_loaded():
         import nbretr._C as ext
         return tuple(ext.topk_tiles["cuda" if device.startswith("cuda") else "cpu"])

@@ -1,21 +1,26 @@
-# nbretr_find_nvcc(<out>): the real nvcc of a CUDA toolkit, or "" when none.
-# The nvcc first on PATH may be a wrapper script outside the toolkit (docs/building.md);
-# CMake and CUDAToolkit need the binary inside <root>/bin, so ask nvcc for its TOP.
+# nbretr_find_nvcc(<out>): the real nvcc of a CUDA toolkit, or "" when none. Looks at
+# $CUDACXX only when it is set, else $CUDA_HOME (CUDA_PATH, CUDA_TOOLKIT_ROOT_DIR), PATH and
+# /usr/local/cuda.
+# The nvcc first on PATH may be a wrapper script outside the toolkit (its directory then
+# has no include/ or lib64/); CMake and CUDAToolkit need the binary inside <root>/bin, so
+# ask nvcc for its TOP (`nvcc --dryrun` prints it).
 function(nbretr_find_nvcc out)
   set(_cands "")
-  if(DEFINED ENV{CUDACXX})
+  if(DEFINED ENV{CUDACXX} AND NOT "$ENV{CUDACXX}" STREQUAL "")
+    # An explicit choice: that nvcc or none (never silently another one).
     list(APPEND _cands "$ENV{CUDACXX}")
-  endif()
-  foreach(_v CUDA_HOME CUDA_PATH CUDA_TOOLKIT_ROOT_DIR)
-    if(DEFINED ENV{${_v}})
-      list(APPEND _cands "$ENV{${_v}}/bin/nvcc")
+  else()
+    foreach(_v CUDA_HOME CUDA_PATH CUDA_TOOLKIT_ROOT_DIR)
+      if(DEFINED ENV{${_v}})
+        list(APPEND _cands "$ENV{${_v}}/bin/nvcc")
+      endif()
+    endforeach()
+    find_program(_nvcc_on_path nvcc)
+    if(_nvcc_on_path)
+      list(APPEND _cands "${_nvcc_on_path}")
     endif()
-  endforeach()
-  find_program(_nvcc_on_path nvcc)
-  if(_nvcc_on_path)
-    list(APPEND _cands "${_nvcc_on_path}")
+    list(APPEND _cands /usr/local/cuda/bin/nvcc)
   endif()
-  list(APPEND _cands /usr/local/cuda/bin/nvcc)
   foreach(_c IN LISTS _cands)
     if(EXISTS "${_c}")
       set(_probe "${CMAKE_CURRENT_BINARY_DIR}/nbretr_nvcc_probe.cu")

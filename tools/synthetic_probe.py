@@ -7,7 +7,7 @@ InfoNCE — on the train split and reports text->video R@1/R@5 on the test split
 R@5 0.96 after 3 epochs, 9 s of training (chance 0.004; test videos with identical content
 make about 0.40 the expected ceiling).
 
-    PYTHONPATH=. python tools/synthetic_probe.py [--root data/synthetic] [--epochs 3]
+    python tools/synthetic_probe.py [--root data/synthetic] [--epochs 3]
 """
 from __future__ import annotations
 

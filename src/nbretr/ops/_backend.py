@@ -97,7 +97,10 @@ def ext_supports(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         if _ext.ext_has_cuda():
             return True, ""
-        return False, "the extension was built without CUDA kernels"
+        decision = _ext.build_record().get("cuda_decision")
+        return False, ("the extension was built without CUDA kernels"
+                       + (f" ({decision})" if decision else "")
+                       + "; rebuild with `NBRETR_CUDA=1 pip install --no-build-isolation .`")
     return False, f"the extension has no kernels for device type {device.type!r}"
 
 
@@ -115,8 +118,9 @@ def resolve(op: str, backend: Backend | None, device: torch.device) -> str:
         return "ext"
     if choice == "ext":
         raise RuntimeError(
-            f"nbretr.ops.{op}: backend='ext' requested but {why}. To build it, {_ext.BUILD_HINT}; "
-            "or use backend='torch'."
+            f"nbretr.ops.{op}: backend='ext' requested but {why}. "
+            + (f"{_ext.ext_advice()}; or use" if not _ext.ext_loaded() else "Or use")
+            + " backend='torch'."
         )
     key = (op, device.type)
     # A missing extension was already reported once at import; warn here only about
