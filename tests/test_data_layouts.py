@@ -262,14 +262,14 @@ def _counting(fn, calls):
 
 def test_train_cli_options_reach_the_dataset(tmp_path, tok):
     from nbretr.config import build_parser, resolve_config
-    from nbretr.train import _dataset
+    from nbretr.builders import build_split
     root = tmp_path / "msrvtt"
     _msrvtt(root, n_test=2, have={0, 1, 2, 7000})
     (root / "videos").rename(tmp_path / "vids")
     args = build_parser("t").parse_args(["--dataset", "msrvtt", "--data-root", str(root), "--video-dir",
                                          str(tmp_path / "vids"), "--allow-missing"])
     cfg = resolve_config(args)
-    ds = _dataset(cfg, "test", tok)
+    ds = build_split(cfg, "test", tok)
     assert ds.video_folder == tmp_path / "vids" and ds.missing_videos == ["video7001"] and len(ds) == 2
 
 

@@ -154,7 +154,7 @@ def build_record() -> dict[str, Any]:
 
 def build_info() -> dict[str, Any]:
     """What nbretr runs on: extension loaded (or why not), CUDA kernels, archs, versions."""
-    from nbretr.ops._backend import CUDA_AUTO_DEFAULTS
+    from nbretr.ops.cuda_defaults import CUDA_AUTO_DEFAULTS
     info = _state["info"]
     mod = _state["module"]
     archs = [a for a in (mod.cuda_archs.split(",") if mod else info.get("cuda_archs", [])) if a]

@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     from nbretr import checkpoint as ckpt
     from nbretr.config import TrainConfig, known_fields
     from nbretr.runtime import FolderLock
-    from nbretr.train import build_datasets, build_model, build_tokenizer
+    from nbretr.builders import build_datasets, build_model, build_tokenizer
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (its checkpoints/last.pt)")
     p.add_argument("--dataset", default=None)

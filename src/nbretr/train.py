@@ -22,7 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nbretr
 from nbretr import checkpoint as ckpt
+from nbretr import eval as evaluation
 from nbretr.config import TrainConfig, build_parser, dataset_key, resolve_config, save_yaml, to_yaml
+from nbretr.builders import (build_datasets, build_model, build_split, build_tokenizer, drop_bad, make_loader,
+                             prepare_clip, to_device)
 from nbretr.memory_bank import MemoryBank
 from nbretr.optim import build_optimizer
 from nbretr.runtime import (Dist, FolderLock, Interrupted, ResumableSampler, amp_dtype, cleanup_distributed, git_commit,
@@ -36,139 +39,6 @@ HAS_VALIDATION_SPLIT = {"msvd", "didemo", "coco", "flickr30k", "synthetic"}
 # What a training checkpoint must hold to be resumed.
 TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "bank", "rng", "epoch", "step_in_epoch",
                        "global_step", "config")
-
-# -- building blocks (shared with nbretr.eval) ---------------------------------------------
-
-def data_root(cfg: TrainConfig) -> Path | None:
-    if cfg.data_root:
-        return Path(cfg.data_root)
-    if cfg.dataset == "synthetic":
-        return None  # data/synthetic or $NBRETR_DATA/synthetic, built on first use
-    raise ValueError(f"--data-root is required for --dataset {cfg.dataset}")
-
-
-def image_size(cfg: TrainConfig) -> int:
-    if cfg.image_size:
-        return cfg.image_size
-    if cfg.dataset == "synthetic" and cfg.clip == "tiny":
-        from nbretr.data import synthetic
-        return synthetic.FRAME_SIZE
-    return 224
-
-
-def _dataset(cfg: TrainConfig, split: str, tokenizer, out_dir: Path | None = None):
-    from nbretr.data import build_dataset
-    kw: dict[str, Any] = {}
-    if out_dir is not None and cfg.dataset != "synthetic":
-        kw["missing_list"] = Path(out_dir) / f"missing_videos_{split}.txt"
-    if cfg.dataset == "synthetic":
-        kw["size"] = cfg.synthetic_size
-    if cfg.train_split and split == "train":
-        kw["train_list"] = cfg.train_split
-    if cfg.video_dir:
-        kw["video_dir"] = cfg.video_dir
-    if cfg.allow_missing:
-        kw["allow_missing"] = True
-    if cfg.frame_sampling:
-        kw["frame_sampling"] = cfg.frame_sampling
-    if dataset_key(cfg.dataset) == "didemo":
-        kw["didemo_window"] = parse_window(cfg.didemo_window)
-    if split == "train" and cfg.augment and cfg.augment != "none":
-        from nbretr.data.augment import make_augment
-        kw["clip_augment"] = make_augment(cfg.augment, image_size=image_size(cfg))
-    return build_dataset(cfg.dataset, data_root(cfg), split, tokenizer, max_words=cfg.max_words,
-                         max_frames=cfg.max_frames, video_framerate=cfg.video_framerate,
-                         image_size=image_size(cfg), strict=cfg.strict_data, **kw)
-
-
-def parse_window(text: str) -> tuple[float, float] | None:
-    """``--didemo-window``: "first,last" seconds, or "whole"."""
-    if str(text).strip().lower() in ("whole", "none"):
-        return None
-    try:
-        first, last = (float(x) for x in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"--didemo-window must be 'first,last' seconds or 'whole', got {text!r}") from None
-    return first, last
-
-
-def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
-    """The tokenizer of the chosen CLIP checkpoint; for the tiny model a word tokenizer (the
-    embedded dataset's, or one built from the training captions), saved in the run folder
-    so that evaluation reads the same vocabulary."""
-    from nbretr.data import tokenizers
-    if cfg.clip != "tiny":
-        return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
-    saved = run_dir / "tokenizer.json" if run_dir else None
-    if saved is not None and saved.exists():
-        return tokenizers.WordTokenizer.load(saved)
-    if cfg.dataset == "synthetic":
-        from nbretr.data import synthetic
-        tok = synthetic.word_tokenizer()
-    else:
-        def blank(texts, n):
-            return torch.zeros(len(texts), n, dtype=torch.long), torch.zeros(len(texts), n, dtype=torch.long)
-        tok = tokenizers.WordTokenizer.from_captions(_dataset(cfg, "train", blank).captions)
-    if saved is not None:
-        tok.save(saved)
-    return tok
-
-
-def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("train", "test"),
-                   out_dir: Path | None = None) -> dict[str, Any]:
-    """The splits; with ``out_dir``, a split that misses a few videos lists their ids in
-    ``out_dir/missing_videos_<split>.txt``."""
-    return {split: _dataset(cfg, split, tokenizer, out_dir) for split in splits}
-
-
-def build_model(cfg: TrainConfig, vocab_size: int | None):
-    """NeighborRetr on the tiny random CLIP (embedded default) or a local checkpoint."""
-    from nbretr.models import NeighborRetr
-    overrides = dict(image_size=image_size(cfg), clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
-    if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    return NeighborRetr(cfg.model_config(**overrides))
-
-
-def clip_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """"fp16" or "fp32": ``--clip-weights auto`` is the released code's rule, float16 CLIP
-    weights when CUDA is present."""
-    choice = cfg.clip_weights or "fp32"
-    if choice == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return choice
-
-
-def prepare_clip(model, cfg: TrainConfig, device: torch.device) -> None:
-    """Apply the recipe's CLIP choices: float16 weights (updated in place by the optimiser)
-    and the frozen patch embedding."""
-    from nbretr.models import clip as clip_mod
-    if cfg.freeze_patch_embed:
-        clip_mod.freeze_patch_embedding(model.clip)
-    if clip_precision(cfg, device) == "fp16":
-        n = clip_mod.clip_weights_to_fp16(model.clip)
-        log.info("CLIP weights in float16 (%d layers), updated in place by the optimiser", n)
-
-
-def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
-    from nbretr.data import collate
-    return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
-                                       num_workers=num_workers, collate_fn=collate,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def drop_bad(batch: dict) -> dict:
-    """Remove items whose video could not be decoded (the dataset already warned)."""
-    bad = batch.get("bad")
-    if bad is None or not torch.as_tensor(bad).any():
-        return batch
-    keep = ~torch.as_tensor(bad, dtype=torch.bool)
-    return {k: (v[keep] if torch.is_tensor(v) and v.shape[:1] == keep.shape else v) for k, v in batch.items()}
-
 
 # -- training --------------------------------------------------------------------------------
 
@@ -268,7 +138,7 @@ class Trainer:
         if self.protocol == "best-of-test":
             self.eval_ds = self.test_ds
         elif dataset_key(cfg.dataset) in HAS_VALIDATION_SPLIT:
-            self.eval_ds = _dataset(cfg, "val", self.tokenizer)
+            self.eval_ds = build_split(cfg, "val", self.tokenizer)
         else:
             log.warning("--eval-every %d: %s has no validation split apart from its test split, so no "
                         "checkpoint is chosen during training; the test split is evaluated once at the end "
@@ -282,7 +152,6 @@ class Trainer:
         if not due or self.eval_ds is None or self.global_step == getattr(self, "_last_eval_step", None):
             return
         self._last_eval_step = self.global_step
-        from nbretr import eval as evaluation
         m = evaluation.evaluate(self.model, self.eval_ds, self.cfg, self.dist, k=self.cfg.eval_k)
         keys = ("R1", "R5", "R10", "R50", "MdR", "MnR", "Rsum", "num_queries", "num_gallery")
         rec = {"step": self.global_step, "epoch": self.epoch, "split": self.eval_ds.split,
@@ -308,7 +177,6 @@ class Trainer:
 
     def final_evaluation(self) -> dict[str, Any] | None:
         """The test split's report under the run's protocol (see :meth:`_setup_evaluation`)."""
-        from nbretr import eval as evaluation
         if self.test_ds is None:
             return None
         label = "test split, final weights"
@@ -667,7 +535,6 @@ def main(argv: list[str] | None = None) -> int:
                     log.warning("could not plot the training curves (%s: %s)", type(exc).__name__, exc)
             metrics_path = None
             if cfg.do_eval and trainer.test_ds is not None:
-                from nbretr import eval as evaluation
                 metrics = trainer.final_evaluation()
                 if dist_.is_main:
                     print(evaluation.format_report(metrics))
