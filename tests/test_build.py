@@ -15,7 +15,7 @@ import nbretr
 from nbretr import ops
 from nbretr.ops import _backend
 
-from conftest import require_ext
+from helpers import require_ext
 
 
 def test_build_info_keys():
