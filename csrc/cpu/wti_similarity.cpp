@@ -57,7 +57,7 @@ constexpr int64_t kCols = 256;  // video frames per tile (nv * F)
 
 struct Prepared {
   at::Tensor t, v;               // contiguous, in the inputs' dtype (fp16/bf16 are not copied whole)
-  at::Tensor mt, at_, mv, av;    // contiguous, accumulation dtype
+  at::Tensor mt, wt, mv, wv;     // masks and weights: contiguous, accumulation dtype
   bool low = false;              // tokens narrower than the accumulation dtype
 };
 
@@ -215,7 +215,7 @@ bool may_drop(const Prepared& p, const WtiDims& d, const at::Tensor& grad, doubl
   const double mt = max_abs(p.mt), mv = max_abs(p.mv);
   const double raw = static_cast<double>(d.D) * max_abs(p.t) * max_abs(p.v) * mt * mv;
   // a gradient coefficient is g/2 * weight * m_t * m_v (csrc/common/wti.h)
-  const double coef = (grad.defined() ? max_abs(grad) : 1.0) * (max_abs(p.at_) + max_abs(p.av)) * mt * mv;
+  const double coef = (grad.defined() ? max_abs(grad) : 1.0) * (max_abs(p.wt) + max_abs(p.wv)) * mt * mv;
   return raw < limit && coef < limit;  // false for inf and NaN
 }
 
@@ -390,7 +390,7 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
   AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_cpu", [&] {
     using acc_t = scalar_t;
     const auto [ts, vs] = make_sides<acc_t>(p, d, at::Tensor());
-    const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
+    const acc_t *wt = p.wt.const_data_ptr<acc_t>(), *wv = p.wv.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const auto aopt = p.t.options().dtype(acc);
     const int64_t ntasks = ts.nblocks() * vs.nblocks();
@@ -649,7 +649,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
   const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
-  const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
+  const acc_t *wt = p.wt.const_data_ptr<acc_t>(), *wv = p.wv.const_data_ptr<acc_t>();
   const auto aopt = p.mt.options();
   const auto t2 = p.t.view({Bt * L, D}), v2 = p.v.view({Bv * F, D});
   const auto idx_dtype = sizeof(idx_t) == 1 ? at::kByte : at::kInt;
