@@ -47,6 +47,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     """A process killed (SIGKILL) while writing a checkpoint leaves the previous one intact."""
     path = tmp_path / "last.pt"

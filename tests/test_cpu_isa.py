@@ -51,7 +51,7 @@ def test_op_tests_pass_under_cap(isa):
     env = dict(os.environ, NBRETR_REQUIRE_EXT="1")
     # the same nbretr as this process, whatever the working directory
     env["PYTHONPATH"] = os.pathsep.join([str(Path(nbretr.__file__).parent.parent), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--cpu-isa={isa}",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", f"--cpu-isa={isa}",
                         "-m", "not needs_cuda", *(str(TESTS / f) for f in OP_TESTS)],  # the cap concerns the CPU kernels only
                        cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
