@@ -67,8 +67,8 @@ class Trainer:
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer, self.sched = build_optimizer(self.model, cfg.lr, cfg.coef_lr, cfg.weight_decay,
-                                               self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
-                                               cfg.optimizer, decay_exempt=cfg.decay_exempt or "1d")
+                                                     self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
+                                                     cfg.optimizer, decay_exempt=cfg.decay_exempt or "1d")
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         dim = self.model.dim
