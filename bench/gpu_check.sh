@@ -128,8 +128,8 @@ if want bench; then
   done
   # the topk selection as first measured (P-column rounds), next to the default above
   if in_budget "topk rounds=1"; then
-    run_timed "topk_rounds1" 40 "$OUT/topk_rounds1.txt" env NBRETR_TOPK_CUDA_ROUNDS=1 \
-      $PY bench/topk_centrality.py --out "$OUT/topk_rounds1.json" --sizes 200000 --ks 10,100 \
+    run_timed "topk_rounds1" 40 "$OUT/topk_rounds1.txt" \
+      $PY bench/topk_centrality.py --cuda-rounds 1 --out "$OUT/topk_rounds1.json" --sizes 200000 --ks 10,100 \
       --dtypes bfloat16 --no-torch --repeats 1
     grep -A6 "^ratio to the bare" "$OUT/topk_rounds1.txt"
   fi

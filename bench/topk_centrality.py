@@ -102,8 +102,12 @@ def main() -> int:
                         "where it does not fit, its row says so")
     p.add_argument("--fp32-max", type=int, default=None,
                    help="time float32 only up to this N (larger N: the half-precision dtypes only)")
+    p.add_argument("--cuda-rounds", type=int, default=None,
+                   help="the topk_cuda_rounds kernel setting (default 16; 1: the P-column rounds as first measured)")
     p.set_defaults(repeats=2)
     args = p.parse_args()
+    if args.cuda_rounds is not None:
+        ops.set_kernel_settings(topk_cuda_rounds=args.cuda_rounds)
     dev = args.device
     on_gpu = dev.startswith("cuda")
     if args.sizes:

@@ -3,13 +3,13 @@ over a [Bt, Bv, L, F] tensor). Forward and forward+backward at the training shap
 (128 x 128 and 128 x 1,920 pairs, L=32, F=12, D=512) and the evaluation shape
 (1,000 x 1,000, forward only, no grad), fp32 and bf16. Targets (docs/operators.md): CPU >= 2x
 faster and >= 10x less peak memory; GPU >= 5x and >= 10x. On CUDA the extension's two
-implementations are timed: "ext" (tiled, the default) and "ext fused" (NBRETR_WTI_CUDA=fused).
+implementations are timed: "ext" (tiled, the default) and "ext fused" (kernel setting
+wti_cuda="fused").
 Masks keep each token with probability 0.75 (the first always). The CPU kernel leaves
-masked tokens out of its products; "ext keep-all" (NBRETR_WTI_CPU_COMPACT=0) computes
+masked tokens out of its products; "ext keep-all" (wti_cpu_compact=False) computes
 every token's, as it would for inputs without padding."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -32,10 +32,10 @@ def make_side(B, L, D, dtype, device, gen):
 
 def select(name: str) -> str:
     """The backend for a timed implementation ("torch", "ext", "ext fused", "ext keep-all");
-    the two CUDA implementations of the extension are chosen by NBRETR_WTI_CUDA, whether the
-    CPU kernel drops masked tokens by NBRETR_WTI_CPU_COMPACT."""
-    os.environ["NBRETR_WTI_CUDA"] = "fused" if name == "ext fused" else "tiled"
-    os.environ["NBRETR_WTI_CPU_COMPACT"] = "0" if name == "ext keep-all" else "1"
+    the two CUDA implementations of the extension are chosen by the kernel setting wti_cuda,
+    whether the CPU kernel drops masked tokens by wti_cpu_compact (docs/configuration.md)."""
+    ops.set_kernel_settings(wti_cuda="fused" if name == "ext fused" else "tiled",
+                            wti_cpu_compact=name != "ext keep-all")
     return "ext" if name.startswith("ext") else name
 
 

@@ -1,7 +1,8 @@
 // Operator schemas, declared once. Each backend registers its kernels in its own file
 // (csrc/cpu/<op>.cpp: TORCH_LIBRARY_IMPL(nbretr, CPU, m), csrc/cuda/<op>.cu:
 // TORCH_LIBRARY_IMPL(nbretr, CUDA, m)); fake (meta) kernels and autograd live in Python
-// next to the public functions in nbretr/ops/.
+// next to the public functions in nbretr/ops/. The test-only operators are not here: see
+// csrc/testing.h (torch.ops.nbretr_testing, registered only when a test asks).
 #include <torch/library.h>
 
 TORCH_LIBRARY(nbretr, m) {
@@ -31,17 +32,6 @@ TORCH_LIBRARY(nbretr, m) {
   // dtype; the arg-maxes are recomputed, nothing is saved per pair by the forward.
   m.def("wti_similarity_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, "
         "Tensor v_mask, Tensor v_weight) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Test hooks (CPU only): the CUDA backend's tiled driver (csrc/common/wti_tiled.h) run
-  // with a host loop per tile and the given tile size, so that the CPU tests check it.
-  m.def("_wti_tiled(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
-        "int tile_rows, int tile_cols) -> Tensor");
-  m.def("_wti_tiled_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
-        "Tensor v_weight, int tile_rows, int tile_cols) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Test hook (CPU only): how the CPU kernel would cut these inputs: int64 [kept text
-  // tokens, kept video frames, text blocks, video blocks] (masked tokens are dropped from
-  // the products where that is exact; grad: the backward's upstream gradient, if any).
-  m.def("_wti_cpu_plan(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
-        "Tensor? grad) -> Tensor");
 
   // docs/operators.md, sim="dot". values [Q,k] fp32 and indices [Q,k] int64 of every query's
   // top-k (descending; ties: lower gallery index first); adds the k-occurrences into
@@ -49,8 +39,4 @@ TORCH_LIBRARY(nbretr, m) {
   // query row r is gallery item r + q_offset and is never a candidate (nor summed).
   m.def("topk_centrality_dot(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
         "Tensor(a!) counts, Tensor(b!) sums) -> (Tensor, Tensor)");
-  // Test hook (CPU only): the same with the CPU engine's query chunk, gallery tile and epoch
-  // (csrc/cpu/topk_engine.h) set, so that small inputs cross every boundary.
-  m.def("_topk_centrality_dot_tiled(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
-        "Tensor(a!) counts, Tensor(b!) sums, int q_chunk, int g_tile, int epoch) -> (Tensor, Tensor)");
 }

@@ -15,7 +15,7 @@ import nbretr
 from nbretr import ops
 from nbretr.ops import _backend
 
-from conftest import require_ext
+from helpers import require_ext
 
 
 def test_build_info_keys():
@@ -86,6 +86,7 @@ def _run_py(code: str, cwd=None, **env) -> subprocess.CompletedProcess:
                           cwd=cwd)
 
 
+@pytest.mark.slow
 def test_disabled_extension_warns_once_and_runs_torch_path():
     code = (
         "import torch, nbretr, warnings\n"
@@ -109,6 +110,7 @@ def test_disabled_extension_warns_once_and_runs_torch_path():
     assert lines[1].startswith("ERR") and "backend='ext'" in lines[1] and "Unset NBRETR_DISABLE_EXT" in lines[1]
 
 
+@pytest.mark.slow
 def test_mismatched_build_is_refused(tmp_path):
     """An extension built against another torch is not loaded (and says why)."""
     pkg = tmp_path / "nbretr"
@@ -146,6 +148,7 @@ def test_ext_on_cpu_when_built():
     assert hasattr(torch.ops.nbretr, "ring_push")
 
 
+@pytest.mark.slow
 def test_import_from_the_repository_root_uses_the_installed_extension():
     """What the README's first command does: install, then `python -m nbretr.train` from the
     repository root. The root must not hold a source copy of the package that hides the
@@ -165,6 +168,7 @@ def test_import_from_the_repository_root_uses_the_installed_extension():
     assert outputs[0].splitlines()[0] == "True", outputs[0]
 
 
+@pytest.mark.slow
 def test_a_source_copy_shadowing_the_install_says_so(tmp_path):
     """A folder of bare sources found before the installed build (the working directory, or
     PYTHONPATH): the warning names both places instead of advising an install that is done."""
@@ -190,6 +194,7 @@ def _cmake() -> list[str]:
         ["-G", "Ninja", "-DCMAKE_MAKE_PROGRAM=" + ninja] if ninja else [])
 
 
+@pytest.mark.slow
 def test_cmake_cuda_option_configure_only(tmp_path):
     """The NBRETR_CUDA choice at configure time (no compilation), in one reused build folder as
     `pip install` reuses build/: 0 and the older NBRETR_CPU_ONLY=1 give a CPU-only build; the

@@ -47,6 +47,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     """A process killed (SIGKILL) while writing a checkpoint leaves the previous one intact."""
     path = tmp_path / "last.pt"
@@ -122,3 +123,26 @@ def test_resumable_sampler_splits_and_resumes():
     assert list(s) == a[6:]
     with pytest.raises(ValueError, match="divisible by the world size"):
         ResumableSampler(10, global_batch=5, world_size=2)
+
+
+def test_unknown_checkpoint_keys_are_named_not_dropped_silently(tmp_path, caplog):
+    """A checkpoint with keys this version does not read loads with a named warning that
+    lists them; one with only known keys loads without; the model weights' own keys are
+    checked by load_state_dict (strict)."""
+    good = {"model": {"w": torch.zeros(2)}, "config": {}, "global_step": 3, "val_rsum": 1.0}
+    path = ckpt.save_atomic(good, tmp_path / "best.pt")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.load(path, required=("model",))["global_step"] == 3
+    bad = ckpt.save_atomic({**good, "ema": {"w": torch.ones(2)}, "zz_extra": 1}, tmp_path / "other.pt")
+    with pytest.warns(ckpt.UnknownCheckpointKeysWarning, match=r"other.pt: ignoring key\(s\) .*\['ema', 'zz_extra'\]"):
+        state = ckpt.load(bad, required=("model", "config"))
+    assert "ignoring key(s)" in caplog.text and "'ema'" in caplog.text
+    assert state["global_step"] == 3
+    with pytest.warns(ckpt.UnknownCheckpointKeysWarning, match="ema"):
+        ckpt.load_with_fallback(bad, required=("model",))
+    # every key the trainer writes is known
+    import nbretr.train as T
+    assert set(T.TRAINING_STATE_KEYS) <= ckpt.CHECKPOINT_KEYS
+    assert ckpt.check_keys({"model": 1, "nbretr_version": "x", "eval_best": {}}, "x.pt") == []

@@ -62,6 +62,7 @@ def test_resume_keeps_the_runs_own_options(env, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     p = run([*SMALL, "--epochs", "2", "--lr", "3e-3", "--max-steps", "3", "--do-eval", "false", "--output-dir", str(a)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "recipe nbretr, preset embedded" in p.stderr  # the synthetic set's preset is said, not silent
     before = (a / "config.yaml").read_text()
     p = run(["--resume", str(a), "--max-steps", "5"], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 from nbretr import MemoryBank
 
+pytestmark = pytest.mark.slow  # two gloo ranks in subprocesses
+
 GLOBAL_BATCH = 8
 
 

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the module fixture trains a run
+
 SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
          "--num-neighbors", "4", "--temporal-layers", "1"]
 

@@ -11,7 +11,7 @@ import torch
 
 import nbretr
 from nbretr import losses
-from conftest import require_ext
+from helpers import require_ext
 
 
 def require_ext_ops(*names: str) -> None:

@@ -16,7 +16,7 @@ from nbretr.models import NeighborRetr, NeighborRetrConfig, all_gather_with_grad
 from nbretr.models import clip as clip_mod
 from nbretr.models.clustering import GlobalTokenizer, dpc_knn
 from nbretr.models.wti import WTIHead
-from conftest import require_ext
+from helpers import require_ext
 
 VOCAB = 50
 SMALL = dict(vocab_size=VOCAB, image_size=32, clip_width=32, clip_layers=2, clip_heads=2,

@@ -121,6 +121,7 @@ def test_parameter_groups_follow_the_decay_rule():
 
 # -- item 4: float16 CLIP weights, frozen patch embedding --------------------------------------
 
+@pytest.mark.slow
 def test_fp16_clip_weights_stay_fp16_through_optimizer_steps():
     from nbretr.models import clip as clip_mod
     from nbretr.optim import build_optimizer

@@ -7,7 +7,7 @@ import torch
 from nbretr import MemoryBank, ops
 from nbretr.ops.reference import cat_slice_push
 
-from conftest import FLOAT_DTYPES, require_ext
+from helpers import FLOAT_DTYPES, require_ext
 
 BACKENDS = ["torch", "ext"]
 

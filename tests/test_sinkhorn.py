@@ -7,7 +7,7 @@ import torch
 
 from nbretr import ops
 
-from conftest import require_ext
+from helpers import require_ext
 
 BACKENDS = ["torch", "ext"]
 ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

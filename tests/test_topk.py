@@ -13,7 +13,7 @@ import torch
 from nbretr import ops
 from nbretr.ops.reference import select_topk, topk_centrality_dot
 
-from conftest import FLOAT_DTYPES, assert_topk_equivalent, require_ext
+from helpers import FLOAT_DTYPES, assert_topk_equivalent, require_ext, nbretr_testing_ops
 
 BACKENDS = ["torch", "ext"]
 
@@ -315,21 +315,21 @@ def test_cpu_engine_chunks_tiles_and_epochs(exclude_self, k):
     for qc, gt, ep in [(7, 13, 5), (64, 100, 230), (300, 2000, 2000), (50, 1024, 1100), (33, 1500, 3)]:
         c = torch.zeros(2000, dtype=torch.int64)
         s = torch.zeros(2000, dtype=torch.float64)
-        v, i = torch.ops.nbretr._topk_centrality_dot_tiled(x, g, k, exclude_self, 0, c, s, qc, gt, ep)
+        v, i = nbretr_testing_ops().topk_centrality_dot_tiled(x, g, k, exclude_self, 0, c, s, qc, gt, ep)
         what = f"q_chunk={qc} g_tile={gt} epoch={ep}"
         assert torch.equal(v, ref[0]) and torch.equal(i, ref[1]), what
         assert torch.equal(c, ref[2]) and torch.equal(s, ref[3]), what
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("rounds", ["1", "3", ""])
+@pytest.mark.parametrize("rounds", [1, 3, None])
 @pytest.mark.parametrize("k", [1, 64, 300])
-def test_cuda_scan_rounds(monkeypatch, rounds, k):
-    """The CUDA selection scans a full list's tile row in rounds of NBRETR_TOPK_CUDA_ROUNDS
-    x P columns (default 16; 1 = P-column rounds); a round with more than P candidates
-    (tie groups from small integers) is scanned again P columns at a time."""
+def test_cuda_scan_rounds(rounds_setting, rounds, k):
+    """The CUDA selection scans a full list's tile row in rounds of the topk_cuda_rounds
+    kernel setting x P columns (default 16; 1 = P-column rounds); a round with more than P
+    candidates (tie groups from small integers) is scanned again P columns at a time."""
     require_ext("cuda")
-    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    rounds_setting(rounds)
     q, g = int_data(40, 9000, 3, "cuda", torch.float32, lo=-1, hi=2)
     v, i, c, s = ops.topk_centrality(q, g, k, backend="ext")
     ov, oi, oc, os_ = oracle(q, g, k)
@@ -343,14 +343,14 @@ def test_cuda_scan_rounds(monkeypatch, rounds, k):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("rounds", ["1", ""])
+@pytest.mark.parametrize("rounds", [1, None])
 @pytest.mark.parametrize("k", [1, 100, 1024])
-def test_cuda_large_many_chunks_and_tiles(monkeypatch, rounds, k):
+def test_cuda_large_many_chunks_and_tiles(rounds_setting, rounds, k):
     """More than one query chunk (2,048 rows) and gallery tile (32,768 columns): each row's
     running list is carried across tiles and chunks, and exclude_self falls in later tiles
     (q_offset > 0). Small integers: huge tie groups, exact comparison with the oracle."""
     require_ext("cuda")
-    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    rounds_setting(rounds)
     q, g = int_data(1, 70000, 4, "cuda", torch.float32, lo=-1, hi=2)
     off = 40000
     q = g[off:off + 2500]
@@ -362,12 +362,12 @@ def test_cuda_large_many_chunks_and_tiles(monkeypatch, rounds, k):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("rounds", ["1", "3", ""])
-def test_cuda_every_round_overflows(monkeypatch, rounds):
+@pytest.mark.parametrize("rounds", [1, 3, None])
+def test_cuda_every_round_overflows(rounds_setting, rounds):
     """An ascending gallery: every column beats the row's current k-th value, so every
     wide round holds more than P candidates and is scanned again P columns at a time."""
     require_ext("cuda")
-    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", rounds)
+    rounds_setting(rounds)
     q = torch.ones(3, 1, device="cuda")
     g = torch.arange(20000, device="cuda", dtype=torch.float32)[:, None]
     v, i, c, s = ops.topk_centrality(q, g, 1024, backend="ext")
@@ -389,13 +389,26 @@ def test_cuda_large_half_inputs_many_tiles(monkeypatch, dtype):
         assert torch.equal(v, ov) and torch.equal(i, oi) and torch.equal(c, oc) and torch.equal(s, os_), allow
 
 
-@pytest.mark.needs_cuda
-def test_cuda_scan_rounds_bad_value(monkeypatch):
-    require_ext("cuda")
-    monkeypatch.setenv("NBRETR_TOPK_CUDA_ROUNDS", "0")
-    x = torch.randn(4, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="NBRETR_TOPK_CUDA_ROUNDS"):
-        ops.topk_centrality(x, x, 2, backend="ext")
+def test_cuda_scan_rounds_bad_value():
+    """A bad topk_cuda_rounds is refused, naming the setting, and changes nothing."""
+    before = ops.get_kernel_settings()
+    for bad in (0, 4097, "3", 2.0):
+        with pytest.raises(ValueError, match="topk_cuda_rounds must be an integer in"):
+            ops.set_kernel_settings(topk_cuda_rounds=bad)
+    assert ops.get_kernel_settings() == before
+
+
+@pytest.fixture
+def rounds_setting():
+    """Set topk_cuda_rounds for one test (None: the default) and restore it after."""
+    old = ops.get_kernel_settings()
+
+    def set_rounds(rounds):
+        if rounds is not None:
+            ops.set_kernel_settings(topk_cuda_rounds=rounds)
+
+    yield set_rounds
+    ops.set_kernel_settings(topk_cuda_rounds=old.topk_cuda_rounds)
 
 
 @pytest.mark.needs_cuda

@@ -51,6 +51,7 @@ def test_config_precedence_and_errors(tmp_path):
     assert C.resolve_config(parser.parse_args(["--baseline"])).baseline is True
 
 
+@pytest.mark.slow
 def test_commands_report_user_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
     """A missing dataset folder or checkpoint ends `python -m nbretr.train` / `.eval` with
     `prog: error: message` and status 2; NBRETR_TRACEBACK=1 raises it instead."""
@@ -119,6 +120,7 @@ def test_every_model_option_reaches_the_model():
         C.resolve_config(parser.parse_args(["--centrality", "max"]))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_loss_curve(data_env, tmp_path):
     from nbretr.train import main
     args = SMALL + ["--epochs", "3", "--do-eval", "false", "--seed", "3"]
@@ -137,6 +139,7 @@ def test_resume_continues_the_loss_curve(data_env, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
+@pytest.mark.slow
 def test_train_then_eval_with_corrections(data_env, tmp_path, capsys):
     from nbretr import eval as E
     from nbretr.train import main
@@ -169,6 +172,7 @@ def test_train_then_eval_with_corrections(data_env, tmp_path, capsys):
         E.main(["--checkpoint", str(run), "--corrections", "magic"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(data_env, tmp_path):
     """The command itself under torchrun (gloo): trains, evaluates with the queries split
     across the two ranks, and writes one run folder."""

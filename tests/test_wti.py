@@ -7,7 +7,7 @@ import torch.nn.functional as Fn
 from nbretr import ops
 from nbretr.ops.reference import wti_similarity as ref_wti
 
-from conftest import require_ext
+from helpers import require_ext, nbretr_testing_ops
 
 BACKENDS = ["torch", "ext"]
 
@@ -152,7 +152,7 @@ def test_low_precision_cpu_is_the_fp32_kernel_on_upcast_inputs(dtype, shape, fus
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        t_rows, v_rows, t_blocks, _ = torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()
+        t_rows, v_rows, t_blocks, _ = nbretr_testing_ops().wti_cpu_plan(*args, gout).tolist()
         assert (t_blocks >= 4, t_rows <= v_rows) == (fused, texts_whole)  # the case is the one named
         got, want = _ext_grads(args, gout), _ext_grads(up, gout)
     finally:
@@ -401,16 +401,17 @@ def test_non_default_stream():
 
 
 # ---- the CUDA backend's tiled driver (csrc/common/wti_tiled.h), checked on the CPU ------
-# torch.ops.nbretr._wti_tiled runs the driver's tiling, products and gradient algebra with
-# a host loop in place of its per-pair CUDA kernel; the per-pair step is the CPU kernel's.
+# The test op nbretr_testing.wti_tiled runs the driver's tiling, products and gradient
+# algebra with host loops in place of its per-line CUDA kernels; the per-line steps are
+# the CPU kernel's.
 
 TILES = [(1, 1), (40, 30), (2048, 2048)]  # one pair per tile, partial tiles, one tile
 
 
 def _tiled_grads(args, gout, tile):
     t, mt, wt, v, mv, wv = args
-    s = torch.ops.nbretr._wti_tiled(t, mt, wt, v, mv, wv, *tile)
-    return (s, *torch.ops.nbretr._wti_tiled_backward(gout, t, mt, wt, v, mv, wv, *tile))
+    s = nbretr_testing_ops().wti_tiled(t, mt, wt, v, mv, wv, *tile)
+    return (s, *nbretr_testing_ops().wti_tiled_backward(gout, t, mt, wt, v, mv, wv, *tile))
 
 
 def _ext_grads(args, gout):
@@ -473,23 +474,23 @@ def _exact_inputs(Bt, Bv, L, F, D, dtype, seed=5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(9, 11, 7, 5, 4), (40, 37, 9, 5, 3), (70, 30, 32, 12, 6), (40, 200, 32, 12, 4),
                                    (5, 300, 6, 12, 4)])
-def test_cpu_kernel_drops_masked_tokens_exactly(monkeypatch, shape, dtype):
+def test_cpu_kernel_drops_masked_tokens_exactly(shape, dtype):
     """The CPU kernel leaves masked tokens out of its products and puts their zeros back
     into each max (csrc/cpu/wti_similarity.cpp, "the kept tokens"): on exact inputs its
     outputs and gradients must equal, bit for bit, those of the same kernel keeping every
-    token (NBRETR_WTI_CPU_COMPACT=0) and those of the tiled driver, which never drops.
+    token (kernel setting wti_cpu_compact=False) and those of the tiled driver, which never drops.
     Shapes: few and many text blocks (dL/dt in its own pass or right after each tile),
     the texts or the videos as the side compacted whole."""
     require_ext("cpu")
     args, gout = _exact_inputs(*shape, dtype)
     mt, mv = args[1], args[4]
-    plan = torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()
+    plan = nbretr_testing_ops().wti_cpu_plan(*args, gout).tolist()
     assert plan[:2] == [int((mt != 0).sum()), int((mv != 0).sum())]  # tokens were dropped
     dropped = _ext_grads(args, gout)
     tiled = _tiled_grads(args, gout, (40, 30))
-    monkeypatch.setenv("NBRETR_WTI_CPU_COMPACT", "0")
-    assert torch.ops.nbretr._wti_cpu_plan(*args, gout).tolist()[:2] == [mt.numel(), mv.numel()]
-    kept = _ext_grads(args, gout)
+    with ops.kernel_settings(wti_cpu_compact=False):
+        assert nbretr_testing_ops().wti_cpu_plan(*args, gout).tolist()[:2] == [mt.numel(), mv.numel()]
+        kept = _ext_grads(args, gout)
     for name, a, b, c in zip(["s", "t", "t_weight", "v", "v_weight"], dropped, kept, tiled):
         assert torch.equal(a, b), name
         assert torch.equal(a, c), name
@@ -505,7 +506,7 @@ def test_cpu_kernel_keeps_masked_tokens_when_dropping_is_not_exact():
     args, gout = _exact_inputs(6, 7, 5, 4, 3, torch.float32)
     t, mt, wt, v, mv, wv = args
     full = [mt.numel(), mv.numel()]
-    plan = lambda *a, g=None: torch.ops.nbretr._wti_cpu_plan(*a, g).tolist()[:2]  # noqa: E731
+    plan = lambda *a, g=None: nbretr_testing_ops().wti_cpu_plan(*a, g).tolist()[:2]  # noqa: E731
     assert plan(*args) != full
     i, l = (mt == 0).nonzero()[0].tolist()
     for bad in (float("nan"), float("inf"), 1e37):  # 1e37: D * max|t| * max|v| * max|m_t| * max|m_v| > FLT_MAX / 4
@@ -533,18 +534,18 @@ def test_tiled_driver_half_inputs_and_errors():
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="_wti_tiled: tile_rows and tile_cols must be >= 1, got 0 and 5"):
-        torch.ops.nbretr._wti_tiled(*args, 0, 5)
+    with pytest.raises(RuntimeError, match="testing.wti_tiled: tile_rows and tile_cols must be >= 1, got 0 and 5"):
+        nbretr_testing_ops().wti_tiled(*args, 0, 5)
 
 
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("impl", ["tiled", "fused"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 4, 16), (13, 2, 20, 77, 512), (40, 37, 9, 5, 8), (3, 200, 150, 12, 32)])
-def test_cuda_implementations(monkeypatch, impl, shape):
-    """Both CUDA implementations (NBRETR_WTI_CUDA=tiled, the default, or fused) against the
-    torch path; the fused one refuses L or F > 128 with its message."""
+def test_cuda_implementations(wti_cuda_setting, impl, shape):
+    """Both CUDA implementations (kernel setting wti_cuda="tiled", the default, or "fused")
+    against the torch path; the fused one refuses L or F > 128 with its message."""
     require_ext("cuda")
-    monkeypatch.setenv("NBRETR_WTI_CUDA", impl)
+    wti_cuda_setting(impl)
     args = make(*shape, device="cuda")
     gout = torch.randn(shape[:2], device="cuda")
     if impl == "fused" and max(shape[2], shape[3]) > 128:
@@ -557,14 +558,14 @@ def test_cuda_implementations(monkeypatch, impl, shape):
 
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_large_tiled_many_tiles_exact(monkeypatch, dtype):
+def test_cuda_large_tiled_many_tiles_exact(wti_cuda_setting, dtype):
     """The CUDA tiled default over many tiles (300 x 300 pairs, L=32, F=12: 5 x 2 tiles of
     2,048 x 2,048 entries, ragged at the edges, dt/dv accumulated across tiles) on exact
     small-integer inputs: outputs and gradients equal the CPU kernel's bit for bit; fp16
     also with torch's fp16 cuBLAS accumulation allowed (the products then run on upcast
     inputs)."""
     require_ext("cuda")
-    monkeypatch.setenv("NBRETR_WTI_CUDA", "tiled")
+    wti_cuda_setting("tiled")
     args, gout = _exact_inputs(300, 300, 32, 12, 8, dtype)
     want = _ext_grads(args, gout)
     cuda_args = [a.cuda() for a in args]
@@ -576,3 +577,11 @@ def test_cuda_large_tiled_many_tiles_exact(monkeypatch, dtype):
             assert a.dtype == b.dtype, name
             assert torch.equal(a.cpu(), b), f"{name} (allow_fp16_accumulation={allow})"
 
+
+
+@pytest.fixture
+def wti_cuda_setting():
+    """Set the wti_cuda kernel setting for one test and restore it after."""
+    old = ops.get_kernel_settings().wti_cuda
+    yield lambda impl: ops.set_kernel_settings(wti_cuda=impl)
+    ops.set_kernel_settings(wti_cuda=old)

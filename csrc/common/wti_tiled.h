@@ -21,7 +21,8 @@
 //
 // Memory: one S tile (and one dS tile in the backward) of at most tile_rows x tile_cols
 // entries, never [Bt, Bv, L, F]. The launcher (CUDA kernels, or host loops for the CPU
-// test hook `_wti_tiled`) only runs the numbered work items below in the stated order.
+// test hook `nbretr_testing.wti_tiled`, csrc/testing.h) only runs the numbered work items
+// below in the stated order.
 #pragma once
 #include <ATen/ATen.h>
 

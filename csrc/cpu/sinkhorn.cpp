@@ -146,7 +146,7 @@ SK_FLOAT_KERNELS(base, __attribute__((noinline)))
 #ifdef SK_X86_DISPATCH
 SK_FLOAT_KERNELS(avx2, SK_AVX2)
 SK_FLOAT_KERNELS(avx512, SK_AVX512)
-// the widest build the CPU runs (csrc/common/cpu_isa.h; NBRETR_CPU_ISA caps it)
+// the widest build the CPU runs (csrc/common/cpu_isa.h; the cpu_isa kernel setting caps it)
 #define SK_PICK(fn, ...) \
   (cpu_isa_level() == 2 ? fn##_avx512(__VA_ARGS__) : cpu_isa_level() == 1 ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
 #else

@@ -11,6 +11,7 @@
 #include "common/topk_checks.h"
 #include "common/topk_dot_sums.h"
 #include "cpu/topk_engine.h"
+#include "testing.h"
 
 namespace nbretr {
 namespace {
@@ -46,16 +47,21 @@ std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_tiled_cpu(const at::Tenso
                                                                  bool exclude_self, int64_t q_offset,
                                                                  at::Tensor& counts, at::Tensor& sums, int64_t q_chunk,
                                                                  int64_t g_tile, int64_t epoch) {
-  NBRETR_CHECK_ARG(q_chunk >= 1 && g_tile >= 1 && epoch >= 1, "_topk_centrality_dot_tiled",
+  NBRETR_CHECK_ARG(q_chunk >= 1 && g_tile >= 1 && epoch >= 1, "testing.topk_centrality_dot_tiled",
                    "q_chunk, g_tile and epoch must be >= 1, got ", q_chunk, ", ", g_tile, ", ", epoch);
   return topk_dot_cpu(q, g, k, exclude_self, q_offset, counts, sums, {q_chunk, g_tile, epoch});
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nbretr, CPU, m) {
-  m.impl("topk_centrality_dot", &topk_centrality_dot_cpu);
-  m.impl("_topk_centrality_dot_tiled", &topk_centrality_dot_tiled_cpu);
+TORCH_LIBRARY_IMPL(nbretr, CPU, m) { m.impl("topk_centrality_dot", &topk_centrality_dot_cpu); }
+
+void testing::define_topk_hooks(torch::Library& m) {
+  // topk_centrality_dot with the CPU engine's query chunk, gallery tile and epoch
+  // (csrc/cpu/topk_engine.h) set, so that small inputs cross every boundary.
+  m.def("topk_centrality_dot_tiled(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
+        "Tensor(a!) counts, Tensor(b!) sums, int q_chunk, int g_tile, int epoch) -> (Tensor, Tensor)");
+  m.impl("topk_centrality_dot_tiled", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(topk_centrality_dot_tiled_cpu)));
 }
 
 }  // namespace nbretr

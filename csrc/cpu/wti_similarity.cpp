@@ -43,9 +43,11 @@
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/settings.h"
 #include "common/wti.h"
 #include "common/wti_checks.h"
 #include "common/wti_tiled.h"
+#include "testing.h"
 
 namespace nbretr {
 namespace {
@@ -55,7 +57,7 @@ constexpr int64_t kCols = 256;  // video frames per tile (nv * F)
 
 struct Prepared {
   at::Tensor t, v;               // contiguous, in the inputs' dtype (fp16/bf16 are not copied whole)
-  at::Tensor mt, at_, mv, av;    // contiguous, accumulation dtype
+  at::Tensor mt, wt, mv, wv;     // masks and weights: contiguous, accumulation dtype
   bool low = false;              // tokens narrower than the accumulation dtype
 };
 
@@ -134,7 +136,7 @@ void pair_max(const WtiPair<acc_t>& p, acc_t* best, int32_t* arg) {
 // arg-maxes, provided every dropped product is finite (then it is +-0): tokens are dropped
 // only when D * max|t| * max|v| * max|m_t| * max|m_v| is finite, the weights and the
 // upstream gradient too (their products with a dropped entry are skipped as zeros), and
-// NBRETR_WTI_CPU_COMPACT is not "0". Otherwise every token is kept (as the GPU's tiled
+// the wti_cpu_compact kernel setting is on (csrc/common/settings.h). Otherwise every token is kept (as the GPU's tiled
 // driver always does).
 
 template <typename acc_t>
@@ -209,12 +211,11 @@ double max_abs(const at::Tensor& x) {
 
 // Whether masked tokens may be dropped (see above); `grad` may be undefined (forward).
 bool may_drop(const Prepared& p, const WtiDims& d, const at::Tensor& grad, double limit) {
-  const char* env = std::getenv("NBRETR_WTI_CPU_COMPACT");
-  if (env != nullptr && std::string(env) == "0") return false;
+  if (!kernel_settings().wti_cpu_compact.load(std::memory_order_relaxed)) return false;
   const double mt = max_abs(p.mt), mv = max_abs(p.mv);
   const double raw = static_cast<double>(d.D) * max_abs(p.t) * max_abs(p.v) * mt * mv;
   // a gradient coefficient is g/2 * weight * m_t * m_v (csrc/common/wti.h)
-  const double coef = (grad.defined() ? max_abs(grad) : 1.0) * (max_abs(p.at_) + max_abs(p.av)) * mt * mv;
+  const double coef = (grad.defined() ? max_abs(grad) : 1.0) * (max_abs(p.wt) + max_abs(p.wv)) * mt * mv;
   return raw < limit && coef < limit;  // false for inf and NaN
 }
 
@@ -389,7 +390,7 @@ at::Tensor wti_similarity_cpu(const at::Tensor& t, const at::Tensor& t_mask, con
   AT_DISPATCH_FLOATING_TYPES(acc, "wti_similarity_cpu", [&] {
     using acc_t = scalar_t;
     const auto [ts, vs] = make_sides<acc_t>(p, d, at::Tensor());
-    const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
+    const acc_t *wt = p.wt.const_data_ptr<acc_t>(), *wv = p.wv.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const auto aopt = p.t.options().dtype(acc);
     const int64_t ntasks = ts.nblocks() * vs.nblocks();
@@ -648,7 +649,7 @@ void backward_impl(const WtiDims& d, const Prepared& p, const at::Tensor& grad, 
   const int64_t L = d.L, F = d.F, D = d.D, Bt = d.Bt, Bv = d.Bv;
   const acc_t* gp = grad.const_data_ptr<acc_t>();
   const acc_t *mt = p.mt.const_data_ptr<acc_t>(), *mv = p.mv.const_data_ptr<acc_t>();
-  const acc_t *wt = p.at_.const_data_ptr<acc_t>(), *wv = p.av.const_data_ptr<acc_t>();
+  const acc_t *wt = p.wt.const_data_ptr<acc_t>(), *wv = p.wv.const_data_ptr<acc_t>();
   const auto aopt = p.mt.options();
   const auto t2 = p.t.view({Bt * L, D}), v2 = p.v.view({Bv * F, D});
   const auto idx_dtype = sizeof(idx_t) == 1 ? at::kByte : at::kInt;
@@ -911,7 +912,7 @@ struct HostLaunch {
 };
 
 void check_tile(int64_t tile_rows, int64_t tile_cols) {
-  NBRETR_CHECK_ARG(tile_rows >= 1 && tile_cols >= 1, "_wti_tiled", "tile_rows and tile_cols must be >= 1, got ",
+  NBRETR_CHECK_ARG(tile_rows >= 1 && tile_cols >= 1, "testing.wti_tiled", "tile_rows and tile_cols must be >= 1, got ",
                    tile_rows, " and ", tile_cols);
 }
 
@@ -950,7 +951,7 @@ at::Tensor wti_cpu_plan(const at::Tensor& t, const at::Tensor& t_mask, const at:
   }
   const Prepared p = prepare(t, t_mask, t_weight, v, v_mask, v_weight);
   std::vector<int64_t> plan;
-  AT_DISPATCH_FLOATING_TYPES(acc, "_wti_cpu_plan", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "wti_cpu_plan", [&] {
     const auto [ts, vs] = make_sides<scalar_t>(p, d, g);
     plan = {ts.rows, vs.rows, ts.nblocks(), vs.nblocks()};
   });
@@ -960,11 +961,25 @@ at::Tensor wti_cpu_plan(const at::Tensor& t, const at::Tensor& t_mask, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nbretr, CPU, m) {
-  m.impl("_wti_cpu_plan", &wti_cpu_plan);
   m.impl("wti_similarity", &wti_similarity_cpu);
   m.impl("wti_similarity_backward", &wti_similarity_backward_cpu);
-  m.impl("_wti_tiled", &wti_tiled_cpu);
-  m.impl("_wti_tiled_backward", &wti_tiled_backward_cpu);
+}
+
+void testing::define_wti_hooks(torch::Library& m) {
+  // The CUDA backend's tiled driver (csrc/common/wti_tiled.h) run with a host loop per tile
+  // and the given tile size, so that the CPU tests check it.
+  m.def("wti_tiled(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
+        "int tile_rows, int tile_cols) -> Tensor");
+  m.def("wti_tiled_backward(Tensor grad, Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, "
+        "Tensor v_weight, int tile_rows, int tile_cols) -> (Tensor, Tensor, Tensor, Tensor)");
+  // How the CPU kernel would cut these inputs: int64 [kept text tokens, kept video frames,
+  // text blocks, video blocks] (masked tokens are dropped from the products where that is
+  // exact; grad: the backward's upstream gradient, if any).
+  m.def("wti_cpu_plan(Tensor t, Tensor t_mask, Tensor t_weight, Tensor v, Tensor v_mask, Tensor v_weight, "
+        "Tensor? grad) -> Tensor");
+  m.impl("wti_tiled", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(wti_tiled_cpu)));
+  m.impl("wti_tiled_backward", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(wti_tiled_backward_cpu)));
+  m.impl("wti_cpu_plan", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(wti_cpu_plan)));
 }
 
 }  // namespace nbretr

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> topk_centrality_dot_cuda(const at::Tensor& q,
     at::mm_out(out, a, b);
   };
   TopkCudaTiling tiling;
-  tiling.rounds = topk_cuda_rounds_from_env(tiling.rounds);
+  tiling.rounds = topk_cuda_rounds_setting();
   topk_centrality_cuda_run(Q, G, k, exclude_self, q_offset, tile_fn, values, indices, counts, tiling);
   topk_add_dot_sums(qc, gc, exclude_self, q_offset, sums);
   return {values, indices};

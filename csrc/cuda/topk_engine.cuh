@@ -19,8 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 
+#include "common/settings.h"
 #include "common/topk.h"
 #include "common/topk_tiles.h"
 
@@ -131,16 +131,9 @@ struct TopkCudaTiling {
   int64_t rounds = 16;  // a full list's scan round, in units of P columns (1: P-column rounds)
 };
 
-// NBRETR_TOPK_CUDA_ROUNDS=n (n >= 1) sets TopkCudaTiling::rounds; 1 gives the P-column
-// rounds of the kernel as first measured on a GPU. Anything else is an error naming it.
-inline int64_t topk_cuda_rounds_from_env(int64_t fallback) {
-  const char* e = std::getenv("NBRETR_TOPK_CUDA_ROUNDS");
-  if (e == nullptr || *e == '\0') return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(e, &end, 10);
-  TORCH_CHECK(*end == '\0' && v >= 1 && v <= 4096, "nbretr: NBRETR_TOPK_CUDA_ROUNDS must be an integer in [1, 4096], got '",
-              e, "'");
-  return v;
+// The topk_cuda_rounds setting (csrc/common/settings.h), already checked in [1, 4096].
+inline int64_t topk_cuda_rounds_setting() {
+  return kernel_settings().topk_cuda_rounds.load(std::memory_order_relaxed);
 }
 
 // As topk_centrality_cpu_run (csrc/cpu/topk_engine.h): values [Q,k] fp32, indices [Q,k]

@@ -1,12 +1,15 @@
-// wti_similarity, CUDA. Two implementations; NBRETR_WTI_CUDA picks one per call.
+// wti_similarity, CUDA. Two implementations; the wti_cuda kernel setting picks one per call
+// (csrc/common/settings.h; nbretr.ops.kernel_settings(wti_cuda="fused")).
 //
 // "tiled" (the default): the driver of csrc/common/wti_tiled.h. Each tile of raw dot
 // products (up to kTiledRows x kTiledCols entries) is one cuBLAS product (fp16/bf16 with
-// an fp32 output), and one thread per pair runs the max-and-weigh step of
-// csrc/common/wti.h; the backward recomputes the tile, writes each pair's arg-max
-// coefficients into a dS tile and takes dt, dv from two more products. Any L, F. Written
-// after the first GPU run showed the fused kernel at 0.1-0.3x the torch path; its driver
-// and per-pair step are tested on the CPU (`_wti_tiled`); this launcher has not run yet.
+// an fp32 output); then one thread per line (a text token's row or a video frame's column
+// of a pair's S block) runs the max scans of csrc/common/wti.h and one thread per pair
+// weighs them; the backward recomputes the tile, writes each pair's arg-max coefficients
+// into a dS tile (one thread per line) and takes dt, dv from two more products. Any L, F.
+// Written after the first GPU run showed the fused kernel at 0.1-0.3x the torch path; its
+// driver and per-line steps are tested on the CPU (`nbretr_testing.wti_tiled`); this
+// launcher has not run yet.
 //
 // "fused": one block per (text block, video block) tile. The tile's texts' tokens
 // (M = roundup16(nt*L) <= 128 rows) and videos' frames (N = roundup16(nv*F) <= 128 rows)
@@ -31,12 +34,10 @@
 
 #include <tuple>
 
+#include "common/settings.h"
 #include "common/wti.h"
 #include "common/wti_checks.h"
 #include "common/wti_tiled.h"
-
-#include <cstdlib>
-#include <cstring>
 
 namespace nbretr {
 namespace {
@@ -340,13 +341,8 @@ struct CudaLineLaunch {
   }
 };
 
-bool use_fused() {
-  const char* impl = std::getenv("NBRETR_WTI_CUDA");
-  if (impl == nullptr || impl[0] == '\0' || std::strcmp(impl, "tiled") == 0) return false;
-  NBRETR_CHECK_ARG(std::strcmp(impl, "fused") == 0, "wti_similarity",
-                   "NBRETR_WTI_CUDA must be 'tiled' or 'fused', got '", impl, "'");
-  return true;
-}
+// the wti_cuda setting (csrc/common/settings.h): "fused" or "tiled" (the default)
+bool use_fused() { return kernel_settings().wti_cuda_fused.load(std::memory_order_relaxed); }
 
 // ---- registrations ---------------------------------------------------------------------
 

@@ -134,6 +134,11 @@ def ext_loaded() -> bool:
     return bool(_state["loaded"])
 
 
+def ext_module() -> Any:
+    """The loaded module ``nbretr._C``, None when not loaded."""
+    return _state["module"] if _state["loaded"] else None
+
+
 def ext_has_cuda() -> bool:
     return bool(_state["loaded"] and _state["module"].cuda_compiled)
 

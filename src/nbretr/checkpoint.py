@@ -5,12 +5,17 @@ optimiser, scheduler, AMP scaler, memory bank, RNG states, step counters, config
 A run keeps two: ``last.pt`` and the one before it, ``previous.pt`` (:func:`save_rotating`).
 :func:`load_with_fallback` reads ``last.pt`` and, when that file is unreadable (a disk that
 filled up, a copy cut short), falls back to ``previous.pt`` with a warning naming both.
+
+A checkpoint read as an nbretr checkpoint (``required`` keys given) that holds keys this
+version does not read is loaded with an :class:`UnknownCheckpointKeysWarning` naming them
+(:func:`check_keys`), never silently.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,32 @@ PREVIOUS_NAME = "previous.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
+class UnknownCheckpointKeysWarning(UserWarning):
+    """A checkpoint holds keys that this version of nbretr does not read (written by another
+    version, or by hand): they are ignored, and named in this warning."""
+
+
+#: every top-level key nbretr writes and reads: a training checkpoint (last.pt, previous.pt;
+#: nbretr.train.Trainer.state) and the best-on-validation one (best.pt: model, global_step,
+#: config, val_rsum)
+CHECKPOINT_KEYS = frozenset({
+    "model", "optimizer", "scheduler", "scaler", "bank", "rng", "epoch", "step_in_epoch", "global_step",
+    "config", "eval_best", "nbretr_version", "val_rsum",
+})
+
+
+def check_keys(state: dict[str, Any], path: str | os.PathLike, known: frozenset[str] = CHECKPOINT_KEYS) -> list[str]:
+    """The keys of ``state`` that are not in ``known``, sorted; when there are any, an
+    :class:`UnknownCheckpointKeysWarning` (and a log warning) names them and the file."""
+    unknown = sorted(str(k) for k in set(state) - known)
+    if unknown:
+        msg = (f"checkpoint {path}: ignoring key(s) this version of nbretr does not read: {unknown} "
+               "(written by another version?)")
+        log.warning("%s", msg)
+        warnings.warn(msg, UnknownCheckpointKeysWarning, stacklevel=3)
+    return unknown
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -66,7 +97,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
          required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``. A missing file raises
     ``FileNotFoundError`` naming it; a file that cannot be read, or that lacks one of the
-    ``required`` keys, raises :class:`CheckpointError` naming it."""
+    ``required`` keys, raises :class:`CheckpointError` naming it. With ``required``, keys
+    outside :data:`CHECKPOINT_KEYS` are named in an :class:`UnknownCheckpointKeysWarning`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -82,6 +114,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
         missing = [k for k in required if k not in obj]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {missing}: not an nbretr training checkpoint")
+        check_keys(obj, path)
     return obj
 
 

@@ -41,7 +41,8 @@ class TrainConfig(NeighborRetrConfig):
     synthetic_size: str = "default"
     train_split: str | None = None         # e.g. msrvtt "9k" / "7k"
     video_framerate: float = 1.0
-    image_size: int | None = None          # default: 224 with CLIP, the synthetic size otherwise
+    image_size: int | None = None          # default: the synthetic frame size for the tiny CLIP on the
+                                           # synthetic set (its videos' size), else 224
     num_workers: int = 2
     strict_data: bool = False
     video_dir: str | None = None           # video folder (absolute or under data_root; searched recursively)

@@ -66,9 +66,9 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
-        self.opt, self.sched = build_optimizer(self.model, cfg.lr, cfg.coef_lr, cfg.weight_decay,
-                                               self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
-                                               cfg.optimizer, decay_exempt=cfg.decay_exempt or "1d")
+        self.optimizer, self.sched = build_optimizer(self.model, cfg.lr, cfg.coef_lr, cfg.weight_decay,
+                                                     self.steps_per_epoch * cfg.epochs, cfg.warmup_proportion,
+                                                     cfg.optimizer, decay_exempt=cfg.decay_exempt or "1d")
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         dim = self.model.dim
@@ -89,7 +89,7 @@ class Trainer:
     # checkpoints ---------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "bank": self.bank.state_dict() if self.bank is not None else None,
             "rng": ckpt.rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -109,7 +109,7 @@ class Trainer:
         """Continue from a checkpoint ``state`` (read from ``path``)."""
         ckpt.clean_partials(path.parent)
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.bank is not None and state["bank"] is not None:
@@ -305,17 +305,18 @@ class Trainer:
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: {out}")
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
+        self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.scaler.step(self.opt)
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.sched.step()
         self.model.clamp_logit_scale()
         if self.bank is not None:  # after backward: the loss read the bank's buffers in place
             self.bank.push(out["bank_items"])
+        # the logged loss parts (docs/method.md): "opt" is L_opt, not the optimizer
         return {k: float(v.detach()) for k, v in out.items() if k in ("loss", "wti", "nbi", "opt", "kl", "infonce")}
 
     def log_step(self, parts, pbar, jsonl, items_per_step, t_start) -> None:

@@ -256,7 +256,9 @@ class NeighborRetr(nn.Module):
         V ``[B, F, D]`` (row i of T matches row i of V). float32 throughout.
 
         Returns ``{"loss": total (scalar, with grad), "wti", "nbi", "opt", "kl": detached
-        scalars, "logit_scale": exp(logit_scale)}``. ``baseline=True``: "loss" = "wti" =
+        scalars (the loss parts L_wti, L_nbi, L_opt, L_kl of docs/method.md; "opt" is the
+        uniform regularisation's optimal-transport loss, not the optimizer), "logit_scale":
+        exp(logit_scale)}``. ``baseline=True``: "loss" = "wti" =
         symmetric InfoNCE on ``logit_scale·s``, the others 0."""
         c = self.config
         if T.shape[0] != V.shape[0]:

@@ -10,60 +10,12 @@ import math
 import torch
 
 from nbretr.ops import _backend
+from nbretr.ops._checks import SINKHORN_FLOATS as _FLOATS, check_sinkhorn_args, check_sinkhorn_masks, fail
 from nbretr.ops.reference import sinkhorn as _ref
 
 __all__ = ["sinkhorn_log"]
 
 _OP = "sinkhorn_log"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _fail(msg: str, op: str = _OP) -> None:
-    raise RuntimeError(f"nbretr.{op}: {msg}")
-
-
-def _check_args(scores: torch.Tensor, log_mu: torch.Tensor, log_nu: torch.Tensor, n_iters: int, eps: float,
-                tol: float | None) -> None:
-    """The checks of csrc/common/sinkhorn_checks.h, with the same messages."""
-    if scores.dim() != 3:
-        _fail(f"scores must be a 3-D tensor [B, M, N], got shape {list(scores.shape)}")
-    if scores.dtype not in _FLOATS:
-        _fail(f"scores must be float16, bfloat16, float32 or float64, got {scores.dtype}")
-    B, M, N = scores.shape
-    for t, name, length, dim in ((log_mu, "log_mu", M, "M"), (log_nu, "log_nu", N, "N")):
-        if t.device != scores.device:
-            _fail(f"{name} is on {t.device} but scores is on {scores.device}")
-        if t.dim() != 2 or t.shape[0] != B or t.shape[1] != length:
-            _fail(f"{name} must have shape [B, {dim}] = [{B}, {length}], got {list(t.shape)}")
-        if not t.dtype.is_floating_point:
-            _fail(f"{name} must be a floating tensor, got {t.dtype}")
-    if n_iters < 0:
-        _fail(f"n_iters must be >= 0, got {n_iters}")
-    if not (eps > 0 and math.isfinite(eps)):
-        _fail(f"eps must be a positive finite number, got {eps:g}")
-    if tol is not None and not tol >= 0:
-        _fail(f"tol must be >= 0 (or None), got {tol:g}")
-
-
-def _check_masks(scores: torch.Tensor) -> None:
-    """The fully-masked row/column check of csrc/common/sinkhorn_checks.h (same message,
-    same first offender: lowest problem, rows before columns, lowest index)."""
-    if scores.numel() == 0:
-        return
-    B, M, N = scores.shape
-    neg = torch.isneginf(scores)
-    bad_rows, bad_cols = neg.all(2), neg.all(1)
-    if not bool(bad_rows.any() | bad_cols.any()):
-        return
-    for b in range(B):
-        if bool(bad_rows[b].any()):
-            i = int(bad_rows[b].to(torch.uint8).argmax())
-            _fail(f"scores[{b}, {i}, :] is entirely -inf (problem {b}, row {i} of {M} is fully masked); "
-                  "every row and column needs at least one finite score")
-        if bool(bad_cols[b].any()):
-            j = int(bad_cols[b].to(torch.uint8).argmax())
-            _fail(f"scores[{b}, :, {j}] is entirely -inf (problem {b}, column {j} of {N} is fully masked); "
-                  "every row and column needs at least one finite score")
 
 
 def sinkhorn_log(scores: torch.Tensor, log_mu: torch.Tensor | None = None, log_nu: torch.Tensor | None = None, *,
@@ -114,11 +66,11 @@ def sinkhorn_log(scores: torch.Tensor, log_mu: torch.Tensor | None = None, log_n
         log_mu = log_nu = scores.new_zeros(0, 0)  # reported by the shape check below
     n_iters, eps = int(n_iters), float(eps)
     tol = None if tol is None else float(tol)
-    _check_args(scores, log_mu, log_nu, n_iters, eps, tol)
-    if _backend.resolve(_OP, backend, scores.device) == "ext":
+    if _backend.resolve(_OP, backend, scores.device) == "ext":  # checked in C++
         log_plan, log_u, log_v, iters, _, _ = torch.ops.nbretr.sinkhorn_log(scores, log_mu, log_nu, n_iters, eps, tol)
         return log_plan, log_u, log_v, iters
-    _check_masks(scores)
+    check_sinkhorn_args(scores, log_mu, log_nu, n_iters, eps, tol)
+    check_sinkhorn_masks(scores)
     return _ref.sinkhorn_log(scores, log_mu, log_nu, n_iters, eps, tol)
 
 
@@ -126,6 +78,7 @@ if _backend._ext.ext_loaded():
 
     @torch.library.register_fake("nbretr::sinkhorn_log")
     def _sinkhorn_log_fake(scores, log_mu, log_nu, n_iters, eps, tol):
+        check_sinkhorn_args(scores, log_mu, log_nu, n_iters, eps, tol)  # not the masks: data
         B, M, N = scores.shape
         acc = _ref.compute_dtype(scores.dtype)
         new = scores.new_empty
@@ -158,7 +111,7 @@ if _backend._ext.ext_loaded():
     torch.library.register_autograd("nbretr::sinkhorn_log", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):
-        _fail("double backward is not supported (the backward is not differentiable)", "sinkhorn_log_backward")
+        fail("sinkhorn_log_backward", "double backward is not supported (the backward is not differentiable)")
 
     def _setup_backward(ctx, inputs, output):
         pass

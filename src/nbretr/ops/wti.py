@@ -4,57 +4,12 @@ from __future__ import annotations
 import torch
 
 from nbretr.ops import _backend
+from nbretr.ops._checks import check_wti_args
 from nbretr.ops.reference import wti as _ref
 
 __all__ = ["wti_similarity", "wti_block", "check_wti_args"]
 
 _OP = "wti_similarity"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _fail(msg: str, op: str = _OP) -> None:
-    raise RuntimeError(f"nbretr.{op}: {msg}")
-
-
-def _shape(x: torch.Tensor) -> str:
-    return str(list(x.shape))
-
-
-def _check_side(x, mask, weight, xn, mn, wn, shape, two, t) -> None:
-    if x.dim() != 3:
-        _fail(f"{xn} must have shape {shape}, got {_shape(x)}")
-    if x.shape[1] < 1:
-        _fail(f"{xn} must have at least one token ({shape} with {two} >= 1), got {_shape(x)}")
-    if x.device != t.device:
-        _fail(f"{xn} is on {x.device} but t is on {t.device}")
-    if mask.device != t.device:
-        _fail(f"{mn} is on {mask.device} but t is on {t.device}")
-    if weight.device != t.device:
-        _fail(f"{wn} is on {weight.device} but t is on {t.device}")
-    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
-        _fail(f"{mn} has shape {_shape(mask)} but {xn} has shape {_shape(x)}; "
-              f"expected [{x.shape[0]}, {x.shape[1]}]")
-    if weight.dim() != 2 or tuple(weight.shape) != tuple(x.shape[:2]):
-        _fail(f"{wn} has shape {_shape(weight)} but {mn} has shape {_shape(mask)}; "
-              f"expected [{x.shape[0]}, {x.shape[1]}]")
-    if not weight.dtype.is_floating_point:
-        _fail(f"{wn} has dtype {weight.dtype}; expected a floating dtype")
-    if mask.dtype.is_complex:
-        _fail(f"{mn} has dtype {mask.dtype}; expected bool, integer or floating")
-
-
-def check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight) -> tuple[int, int, int, int, int]:
-    """The checks of csrc/common/wti_checks.h, same order and messages. Returns
-    ``(Bt, Bv, L, F, D)``."""
-    if t.dtype not in _FLOATS:
-        _fail(f"t has dtype {t.dtype}; expected torch.float32, torch.float16, torch.bfloat16 or torch.float64")
-    if v.dtype != t.dtype:
-        _fail(f"v has dtype {v.dtype} but t has dtype {t.dtype}")
-    _check_side(t, t_mask, t_weight, "t", "t_mask", "t_weight", "[Bt, L, D]", "L", t)
-    _check_side(v, v_mask, v_weight, "v", "v_mask", "v_weight", "[Bv, F, D]", "F", t)
-    if v.shape[2] != t.shape[2]:
-        _fail(f"v has D={v.shape[2]} but t has D={t.shape[2]}; t [Bt, L, D] and v [Bv, F, D] must share D")
-    return t.shape[0], v.shape[0], t.shape[1], v.shape[1], t.shape[2]
 
 
 def wti_similarity(t: torch.Tensor, t_mask: torch.Tensor, t_weight: torch.Tensor, v: torch.Tensor,
@@ -81,9 +36,9 @@ def wti_similarity(t: torch.Tensor, t_mask: torch.Tensor, t_weight: torch.Tensor
     ties to the lowest index; masked entries get none). Double backward is not supported.
     The torch path is the reference's einsum formulation in the tokens' dtype.
     """
-    check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight)
-    if _backend.resolve(_OP, backend, t.device) == "ext":
+    if _backend.resolve(_OP, backend, t.device) == "ext":  # checked in C++
         return torch.ops.nbretr.wti_similarity(t, t_mask, t_weight, v, v_mask, v_weight)
+    check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight)
     return _ref.wti_similarity(t, t_mask, t_weight, v, v_mask, v_weight)
 
 
@@ -108,7 +63,7 @@ if _backend._ext.ext_loaded():
 
     @torch.library.register_fake("nbretr::wti_similarity")
     def _wti_fake(t, t_mask, t_weight, v, v_mask, v_weight):
-        torch._check(t.dim() == 3 and v.dim() == 3, lambda: "nbretr.wti_similarity: t and v must be 3-D")
+        check_wti_args(t, t_mask, t_weight, v, v_mask, v_weight)
         return t.new_empty((t.shape[0], v.shape[0]), dtype=_out_dtype(t))
 
     @torch.library.register_fake("nbretr::wti_similarity_backward")
