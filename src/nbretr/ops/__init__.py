@@ -8,6 +8,7 @@ from nbretr.ops._backend import Backend, default_backend, use_backend
 from nbretr.ops.ring import ring_push, ring_view
 from nbretr.ops.sinkhorn import sinkhorn_log
 from nbretr.ops.topk import TOPK_MAX_K, topk_centrality
+from nbretr.ops.topk_rank import topk_rank
 from nbretr.ops.wti import wti_block, wti_similarity
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "wti_block",
     "topk_centrality",
     "TOPK_MAX_K",
+    "topk_rank",
     "sinkhorn_log",
 ]
