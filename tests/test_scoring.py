@@ -187,10 +187,10 @@ def test_eval_directions_match_dense_wti_and_argsort(backend):
     with ops.use_backend(backend):
         S = ops.wti_similarity(*texts, *vids).float()    # [texts, videos]
         opts = E.RankOptions(q_chunk=4)
-        t2v = E._rank_direction(E.wti_score_fn(texts, vids, q_is_text=True), 23, 9,
+        t2v = E._rank_direction(scoring.wti_score_fn(texts, vids, q_is_text=True), 23, 9,
                                 scoring.as_targets(c2v, 23), 3, Dist(), opts)
         v2t_targets = [(c2v == v).nonzero().flatten().tolist() for v in range(9)]
-        v2t = E._rank_direction(E.wti_score_fn(vids, texts, q_is_text=False), 9, 23,
+        v2t = E._rank_direction(scoring.wti_score_fn(vids, texts, q_is_text=False), 9, 23,
                                 scoring.as_targets(v2t_targets, 9), 3, Dist(), opts)
         best = E._rank_direction(E.best_caption_score_fn(vids, texts, c2v), 9, 9,
                                  scoring.as_targets(torch.arange(9), 9), 3, Dist(), opts)

@@ -106,17 +106,6 @@ def encode_videos(model, dataset, video_indices: Sequence[int] | None, device, b
     return torch.cat(vs), torch.cat(ms), torch.cat(ws)
 
 
-def wti_score_fn(q, g, *, q_is_text: bool):
-    """score_fn for :mod:`nbretr.scoring` over prepared (tokens, mask, weights) triples."""
-    def fn(qs: slice, gs: slice) -> torch.Tensor:
-        a = tuple(x[qs] for x in q)
-        b = tuple(x[gs] for x in g)
-        if q_is_text:
-            return ops.wti_similarity(*a, *b)
-        return ops.wti_similarity(*b, *a).t()
-    return fn
-
-
 # -- evaluation ------------------------------------------------------------------------------
 
 def best_caption_score_fn(vids, texts, c2v: torch.Tensor):
@@ -259,9 +248,9 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     for c, v in enumerate(c2v):
         v2t_targets[v].append(c)
     t2v_dir = Direction("t2v", texts, vids, True, scoring.as_targets(torch.tensor(c2v, dtype=torch.long), n_t),
-                        min(k, n_v), wti_score_fn(texts, vids, q_is_text=True))
+                        min(k, n_v), scoring.wti_score_fn(texts, vids, q_is_text=True))
     v2t_dir = Direction("v2t", vids, texts, False, scoring.as_targets(v2t_targets, n_v), min(k, n_t),
-                        wti_score_fn(vids, texts, q_is_text=False))
+                        scoring.wti_score_fn(vids, texts, q_is_text=False))
 
     v2t_ranking = getattr(cfg, "v2t_ranking", None) or "per-caption"
     if v2t_ranking not in V2T_RANKINGS:
@@ -377,8 +366,8 @@ def _corrections(model, cfg, dist_: Dist, directions: Sequence[Direction], names
             mean_ks = ([p.nnn_k] if "nnn" in need else []) + ([p.csls_k] if "csls" in need else [])
             hit_ks = ([p.qbnorm_k] if "qbnorm" in need else []) + \
                 ([p.dbnorm_k] if "dbnorm" in need and p.dbnorm_dynamic else [])
-            qstats = scoring.bank_stats(wti_score_fn(bq, gal, q_is_text=q_is_text), len(bq[0]), n_g, betas=betas,
-                                        mean_ks=mean_ks, hit_ks=hit_ks, q_chunk=q_chunk)
+            qstats = scoring.bank_stats(scoring.wti_score_fn(bq, gal, q_is_text=q_is_text), len(bq[0]), n_g,
+                                        betas=betas, mean_ks=mean_ks, hit_ks=hit_ks, q_chunk=q_chunk)
         if "qbnorm" in need:
             transforms["qbnorm"] = lambda qs, b: retrieval.qb_norm(b, qstats, p.qbnorm_beta, p.qbnorm_k)
             info["qbnorm"] = {"query_bank": qb_info}

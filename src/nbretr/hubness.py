@@ -88,7 +88,7 @@ def hubness_report(q: torch.Tensor, g: torch.Tensor, k: int = 10, *, paired: boo
     counts = scoring.k_occurrence(q, g, k, exclude_self=exclude_self, backend=backend)
     retrieval = None
     if paired:
-        ranks = scoring.ranks(q, g, backend=backend)
+        ranks = scoring.ranks(q, g)
         retrieval = metrics.retrieval_metrics(ranks)
     return {"hubness": metrics.hubness(counts, k, q.shape[0]), "retrieval": retrieval, "counts": counts,
             "k": k, "num_queries": q.shape[0], "gallery_size": g.shape[0], "metric": metric}

@@ -1,9 +1,9 @@
 """The scoring engine: the one place that streams row blocks of scores through the top-k
 operators (never the full query x gallery matrix).
 
-Scores come from a ``score_fn(q_slice, g_slice) -> [q, g]`` (for NeighborRetr, WTI
-similarity through :func:`nbretr.ops.wti_similarity`; :func:`dot_score_fn` for
-embeddings), one row block of ``q_chunk`` queries at a time, assembled from
+Scores come from a ``score_fn(q_slice, g_slice) -> [q, g]`` (for NeighborRetr,
+:func:`wti_score_fn`: WTI blocks from :func:`nbretr.ops.wti_similarity`; :func:`dot_score_fn`
+for embeddings), one row block of ``q_chunk`` queries at a time, assembled from
 ``[q_chunk, g_chunk]`` tiles. A ``rescore(q_slice, block)`` hook rescores each block before
 it is ranked (the inference-time hubness corrections of :mod:`nbretr.retrieval`). Every
 block is ranked by :func:`nbretr.ops.topk_rank`: the top-k of every row (so N_k) and the
@@ -30,7 +30,7 @@ from nbretr import ops
 __all__ = [
     "ScoreFn", "Rescore", "TIES", "StreamStats", "BankStats",
     "stream", "ranks", "ranks_from_sim", "retrieval_report", "k_occurrence",
-    "bank_stats", "column_lse", "tie_keys", "as_targets", "owner_targets", "dot_score_fn",
+    "bank_stats", "column_lse", "tie_keys", "as_targets", "owner_targets", "dot_score_fn", "wti_score_fn",
 ]
 
 ScoreFn = Callable[[slice, slice], torch.Tensor]
@@ -211,6 +211,19 @@ def dot_score_fn(q: torch.Tensor, g: torch.Tensor, sim_fn: SimFn | None = None) 
     """score_fn of ``sim_fn(q rows, g rows)`` (default: the dot product, fp32 accumulation)."""
     sim_fn = sim_fn or _dot_sim
     return lambda qs, gs: sim_fn(q[qs], g[gs])
+
+
+def wti_score_fn(q: tuple, g: tuple, *, q_is_text: bool) -> ScoreFn:
+    """score_fn of WTI blocks (:func:`nbretr.ops.wti_similarity`) over prepared (tokens,
+    mask, weights) triples: ``q`` are texts (``q_is_text``) or videos, ``g`` the other
+    modality; a block is [q rows, g rows] either way."""
+    def fn(qs: slice, gs: slice) -> torch.Tensor:
+        a = tuple(x[qs] for x in q)
+        b = tuple(x[gs] for x in g)
+        if q_is_text:
+            return ops.wti_similarity(*a, *b)
+        return ops.wti_similarity(*b, *a).t()
+    return fn
 
 
 def _targets_or_owner(who: str, num_q: int, targets, gallery_owner, *, row_offset: int = 0) -> torch.Tensor:

@@ -3,6 +3,7 @@ topk_centrality's sibling for scores that are already computed (rescored blocks 
 hubness corrections, WTI blocks, best-caption blocks). docs/operators.md, "topk_rank"."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ __all__ = ["topk_rank"]
 
 _OP = "topk_rank"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
 
 
 def _fail(msg: str) -> None:
@@ -87,8 +89,8 @@ def topk_rank(scores: Any, k: int = 0, *, targets: torch.Tensor | None = None, c
             (highest score, equal scores by lower column), which is the smallest rank of
             its targets.
         counts: int64 [G], the k-occurrences are added into it in place; new zeros if None.
-        backend: "auto" | "ext" | "torch". The extension has a CPU kernel only: on CUDA,
-            "auto" runs the torch path and "ext" is an error.
+        backend: "auto" | "ext" | "torch". The extension has a CPU kernel only: on CUDA
+            every backend runs the torch path ("ext" with a one-time warning).
 
     Returns:
         ``(values [R, k] scores' dtype, indices [R, k] int64, ranks [R] int64, counts)``:
@@ -105,7 +107,13 @@ def topk_rank(scores: Any, k: int = 0, *, targets: torch.Tensor | None = None, c
     scores = scores.detach()
     use_ext = _backend.resolve(_OP, backend, scores.device) == "ext"
     if use_ext and scores.device.type != "cpu":
-        _fail(f"the extension has no {scores.device.type} kernel for topk_rank; use backend='auto' or 'torch'")
+        # no CUDA kernel: a process-wide backend="ext" (nbretr.eval --backend ext) must not
+        # stop the evaluation, so the torch path runs, with one warning per device type
+        if scores.device.type not in _warned:
+            _warned.add(scores.device.type)
+            warnings.warn(f"nbretr.ops.topk_rank: the extension has no {scores.device.type} kernel; "
+                          "using the pure-PyTorch path", RuntimeWarning, stacklevel=2)
+        use_ext = False
     if use_ext:
         values, indices, ranks = torch.ops.nbretr.topk_rank(scores, targets, k, counts)
     else:
