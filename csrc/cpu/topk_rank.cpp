@@ -52,7 +52,8 @@ void topk_rank_rows(const at::Tensor& s, const at::Tensor* targets, int64_t k, a
   int64_t* rp = targets ? ranks.data_ptr<int64_t>() : nullptr;
   const int64_t* tp = targets ? targets->data_ptr<int64_t>() : nullptr;
   const int64_t T = targets ? targets->size(1) : 0;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(G, 1));
+  // about 1M scores per task: a smaller block is not worth waking a second thread for
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(G, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     // a heap of (value, index) ordered by `better`, so its front is the worst entry kept
     std::vector<std::pair<acc_t, int64_t>> heap;
@@ -76,11 +77,16 @@ void topk_rank_rows(const at::Tensor& s, const at::Tensor* targets, int64_t k, a
       }
       // pass 1 (branch-free, vectorisable): NaN and the items ordered before the target
       int64_t before = 0, nans = 0;
-      if (rp) {
-        for (int64_t j = 0; j < G; ++j) {
+      if (rp) {  // before the target an equal score counts, from the target on only a higher one
+        for (int64_t j = 0; j < bi; ++j) {
           const acc_t v = static_cast<acc_t>(row[j]);
           nans += v != v;
-          before += (v > bv) | ((v == bv) & (j < bi));
+          before += v >= bv;
+        }
+        for (int64_t j = bi; j < G; ++j) {
+          const acc_t v = static_cast<acc_t>(row[j]);
+          nans += v != v;
+          before += v > bv;
         }
       } else {
         for (int64_t j = 0; j < G; ++j) {
@@ -94,17 +100,19 @@ void topk_rank_rows(const at::Tensor& s, const at::Tensor* targets, int64_t k, a
       }
       if (rp) rp[r] = before + 1;
       if (k == 0) continue;
-      // pass 2: the top-k in column order, so an equal score never displaces a kept one
+      // pass 2: the top-k in column order, so an equal score never displaces a kept one:
+      // the first k columns fill the heap, every later one must beat its worst (front)
       heap.clear();
-      for (int64_t j = 0; j < G; ++j) {
+      for (int64_t j = 0; j < k; ++j) heap.emplace_back(static_cast<acc_t>(row[j]), j);
+      std::make_heap(heap.begin(), heap.end(), better);
+      acc_t worst = heap.front().first;
+      for (int64_t j = k; j < G; ++j) {
         const acc_t v = static_cast<acc_t>(row[j]);
-        if (static_cast<int64_t>(heap.size()) < k) {
-          heap.emplace_back(v, j);
-          std::push_heap(heap.begin(), heap.end(), better);
-        } else if (v > heap.front().first) {
+        if (v > worst) {
           std::pop_heap(heap.begin(), heap.end(), better);
           heap.back() = {v, j};
           std::push_heap(heap.begin(), heap.end(), better);
+          worst = heap.front().first;
         }
       }
       std::sort_heap(heap.begin(), heap.end(), better);  // best first
