@@ -16,6 +16,7 @@ last row times the score blocks alone (the dot products, nothing ranked): the fl
 
   python bench/eval_ranking.py                       # gallery 1,000 (all queries) and 100,000 (2,000 queries)
   python bench/eval_ranking.py --sizes 100000 --queries 5000
+  python bench/eval_ranking.py --threads 1           # one thread: steadier on a shared machine
 """
 from __future__ import annotations
 
@@ -125,8 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=2000,
                    help="queries per direction for galleries above 10k (default 2000; smaller galleries use all)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median; default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 gives steadier figures on a shared machine)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         texts, vids = features(n)
