@@ -39,4 +39,11 @@ TORCH_LIBRARY(nbretr, m) {
   // query row r is gallery item r + q_offset and is never a candidate (nor summed).
   m.def("topk_centrality_dot(Tensor q, Tensor g, int k, bool exclude_self, int q_offset, "
         "Tensor(a!) counts, Tensor(b!) sums) -> (Tensor, Tensor)");
+
+  // docs/operators.md. For a score block [R, G] (float16/bfloat16/float32/float64): values
+  // [R, k] (scores' dtype) and indices [R, k] int64 of every row's top-k, and ranks [R] int64
+  // of every row's best target (targets [R, T] int64, -1 = padding; ranks [0] without
+  // targets): 1 + the items scoring above it or equal with a lower index (topk_centrality's
+  // tie rule); adds the k-occurrences into counts [G] int64 in place.
+  m.def("topk_rank(Tensor scores, Tensor? targets, int k, Tensor(a!) counts) -> (Tensor, Tensor, Tensor)");
 }

@@ -2,6 +2,8 @@
 for the torch path and the fake kernels, csrc/common/*_checks.h for the extension), the
 ext path does not run the Python ones again, and the test-only operators stay out of the
 production schema (csrc/testing.h)."""
+import importlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -13,8 +15,11 @@ import nbretr.ops.wti as wti_mod
 from nbretr import ops
 from helpers import require_ext
 
+# the module, not the function that nbretr.ops exports under the same name
+rank_mod = importlib.import_module("nbretr.ops.topk_rank")
+
 PRODUCTION_OPS = {"ring_push", "sinkhorn_log", "sinkhorn_log_backward", "wti_similarity",
-                  "wti_similarity_backward", "topk_centrality_dot"}
+                  "wti_similarity_backward", "topk_centrality_dot", "topk_rank"}
 
 
 def _message(fn):
@@ -67,7 +72,8 @@ def test_ext_path_does_not_rerun_the_python_checks(monkeypatch):
 
     for mod, name in ((wti_mod, "check_wti_args"), (sinkhorn_mod, "check_sinkhorn_args"),
                       (sinkhorn_mod, "check_sinkhorn_masks"), (topk_mod, "check_topk_dot_args"),
-                      (ring_mod, "check_ring_push_args")):
+                      (ring_mod, "check_ring_push_args"), (rank_mod, "check_topk_rank_args"),
+                      (rank_mod, "check_topk_rank_values")):
         monkeypatch.setattr(mod, name, boom)
     t, mt, wt, v, mv, wv = _wti_bad()
     v = torch.randn(5, 6, 4)
@@ -75,6 +81,8 @@ def test_ext_path_does_not_rerun_the_python_checks(monkeypatch):
     assert ops.sinkhorn_log(torch.randn(1, 3, 4), n_iters=3, backend="ext")[0].shape == (1, 3, 4)
     assert ops.topk_centrality(torch.randn(3, 4), torch.randn(6, 4), 2, backend="ext")[0].shape == (3, 2)
     assert ops.ring_push([torch.zeros(4, 3)], [torch.ones(2, 3)], 0, 0, backend="ext") == (2, 2)
+    assert ops.topk_rank(torch.randn(3, 5), 2, targets=torch.zeros(3, 1, dtype=torch.long),
+                         backend="ext")[2].shape == (3,)
     with pytest.raises(AssertionError, match="a Python check ran"):  # the torch path does run them
         ops.wti_similarity(t, mt, wt, v, mv, wv, backend="torch")
     # what C++ cannot see is still checked on the ext path
@@ -84,6 +92,8 @@ def test_ext_path_does_not_rerun_the_python_checks(monkeypatch):
         ops.ring_push([torch.zeros(4, 3)], [torch.ones(2, 3, requires_grad=True)], 0, 0, backend="ext")
     with pytest.raises(RuntimeError, match="k must be in \\[1, 1024\\], got 2.5"):
         ops.topk_centrality(torch.randn(3, 4), torch.randn(6, 4), 2.5, backend="ext")
+    with pytest.raises(RuntimeError, match="counts requires grad"):
+        ops.topk_rank(torch.randn(3, 5), 2, counts=torch.zeros(5, requires_grad=True), backend="ext")
 
 
 def test_test_only_ops_are_not_in_the_production_schema():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nbretr import retrieval as R
+from nbretr import scoring
 
 
 def _fn(S):
@@ -28,7 +29,7 @@ def _activation(bank, k):
 
 
 def _stats(SB, **kw):
-    return R.bank_stats(_fn(torch.as_tensor(SB, dtype=torch.float64)), len(SB), len(SB[0]), q_chunk=3,
+    return scoring.bank_stats(_fn(torch.as_tensor(SB, dtype=torch.float64)), len(SB), len(SB[0]), q_chunk=3,
                         g_chunk=4, **kw)
 
 
@@ -69,9 +70,9 @@ def test_dbnorm_hand_example():
     g = _stats(HAND_GBANK, betas=(3.0,), hit_ks=(1,))
     out = R.db_norm(S, q, g)                                      # the authors' default betas
     torch.testing.assert_close(out.exp(), torch.tensor(HAND_DBNORM, dtype=torch.float64), rtol=1e-5, atol=0)
-    st = R.stream_ranks(_fn(S), 2, 2, [[1], [1]], k=1, transform=lambda qs, b: R.db_norm(b, q, g))
+    st = scoring.stream(_fn(S), 2, 2, [[1], [1]], k=1, rescore=lambda qs, b: R.db_norm(b, q, g))
     assert st.ranks.tolist() == [1, 1]                            # raw: q0 ranks video 1 second
-    assert R.stream_ranks(_fn(S), 2, 2, [[1], [1]], k=1).ranks.tolist() == [2, 1]
+    assert scoring.stream(_fn(S), 2, 2, [[1], [1]], k=1).ranks.tolist() == [2, 1]
     assert R.DBNORM_BETA1 == pytest.approx(1 / 1.99) and R.DBNORM_BETA2 == 3.0
 
 
@@ -207,7 +208,7 @@ def test_dual_softmax_divides_by_the_temperature(temperature):
     """s(q,g) * exp(s(q,g)/T) / sum_q' exp(s(q',g)/T) over the test queries; T = 0.01 is the
     former nbretr convention (scores x 100), T = 1000 CAMoE's code default."""
     S = _rand(6, 4, seed=11)
-    col = R.column_lse(_fn(torch.from_numpy(S)), 6, 4, temperature=temperature, q_chunk=4, g_chunk=3)
+    col = scoring.column_lse(_fn(torch.from_numpy(S)), 6, 4, temperature=temperature, q_chunk=4, g_chunk=3)
     got = R.dual_softmax(torch.from_numpy(S), col, temperature).numpy()
     want = np.zeros_like(S)
     for g in range(4):
@@ -222,7 +223,7 @@ def test_dual_softmax_float32_keeps_small_factors_apart():
     """A float32 block at T = 0.01: exp(100 s - lse) is far below float32's range for items a
     stronger query dominates; the result is float64, so they are not all tied at 0."""
     S = torch.tensor([[0.9, 0.05, 0.02], [0.1, 2.0, 2.0]])
-    col = R.column_lse(_fn(S), 2, 3, temperature=0.01)
+    col = scoring.column_lse(_fn(S), 2, 3, temperature=0.01)
     out = R.dual_softmax(S[:1], col, 0.01)
     assert out.dtype == torch.float64
     assert out[0, 0] > out[0, 1] > out[0, 2] > 0           # ~0.9, 1e-86, 2e-88

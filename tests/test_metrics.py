@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from nbretr import metrics
+from nbretr import metrics, scoring
 from nbretr import hubness as hub
 
 
@@ -29,28 +29,28 @@ def test_ranks_from_sim_tie_rule_and_multi_caption():
                         [0.2, 0.2, 0.2, 0.3]])
     # row 0 target 2: item 0 has equal value and lower index -> rank 2
     # row 1 target 1: item 3 higher, item 0 equal & lower -> rank 3
-    assert metrics.ranks_from_sim(sim, torch.tensor([2, 1])).tolist() == [2, 3]
+    assert scoring.ranks_from_sim(sim, torch.tensor([2, 1])).tolist() == [2, 3]
     # gallery_owner: items 0,1 belong to query 0; items 2,3 to query 1
     owner = torch.tensor([0, 0, 1, 1])
     # query 0 best target: item 0 (0.9) -> rank 1; query 1 best: item 3 (0.3) -> rank 1
-    assert metrics.ranks_from_sim(sim, gallery_owner=owner).tolist() == [1, 1]
+    assert scoring.ranks_from_sim(sim, gallery_owner=owner).tolist() == [1, 1]
     owner = torch.tensor([1, 0, 1, 0])
     # query 0 targets {1, 3}: best 0.5 (item 1) -> items 0, 2 above -> rank 3
     # query 1 targets {0, 2}: both 0.2, best is item 0 -> item 3 above -> rank 2
-    assert metrics.ranks_from_sim(sim, gallery_owner=owner).tolist() == [3, 2]
+    assert scoring.ranks_from_sim(sim, gallery_owner=owner).tolist() == [3, 2]
 
 
 def test_rank_of_targets_chunked_equals_full():
     q = torch.randint(-2, 3, (37, 6)).float()
     g = torch.randint(-2, 3, (53, 6)).float()
     t = torch.randint(0, 53, (37,))
-    full = metrics.ranks_from_sim(q @ g.T, t)
+    full = scoring.ranks_from_sim(q @ g.T, t)
     for elems in (1, 53, 100, 10 ** 6):
-        assert torch.equal(metrics.rank_of_targets(q, g, t, max_tile_elems=elems), full)
+        assert torch.equal(scoring.ranks(q, g, t, max_tile_elems=elems), full)
     owner = torch.randint(0, 37, (53,))
     owner[:37] = torch.arange(37)  # every query owns at least one item
-    full = metrics.ranks_from_sim(q @ g.T, gallery_owner=owner)
-    assert torch.equal(metrics.rank_of_targets(q, g, gallery_owner=owner, max_tile_elems=60), full)
+    full = scoring.ranks_from_sim(q @ g.T, gallery_owner=owner)
+    assert torch.equal(scoring.ranks(q, g, gallery_owner=owner, max_tile_elems=60), full)
 
 
 def test_ranks_from_topk():
@@ -62,7 +62,7 @@ def test_retrieval_report_multi_caption():
     video = torch.eye(3)
     text = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.6], [0, 1, 0], [0, 0, 1], [0.9, 0.1, 0]])
     c2v = torch.tensor([0, 1, 1, 2, 0])
-    rep = metrics.retrieval_report(text, video, c2v)
+    rep = scoring.retrieval_report(text, video, c2v)
     # t2v ranks: [1, 2, 1, 1, 1]; v2t: video 1's best caption is text 2 (sim 1) -> rank 1
     assert rep["t2v"]["R1"] == pytest.approx(80.0)
     assert rep["v2t"]["R1"] == pytest.approx(100.0)

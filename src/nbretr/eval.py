@@ -11,7 +11,7 @@ Every correction's parameters are options (the original authors' defaults); the 
 metrics.json state them and the banks (split, items, size, seed) next to the numbers
 (docs/corrections.md).
 
-Under torchrun the queries are split across ranks; counts and sums are all-reduced.
+Under torchrun the queries are split across ranks; the counts are all-reduced.
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from nbretr import metrics as M
-from nbretr import ops
-from nbretr import retrieval as R
+from nbretr import metrics, ops, retrieval, scoring
 from nbretr.hubness import save_histogram
 from nbretr.runtime import Dist, cleanup_distributed, setup_distributed, setup_logging, write_json
 
@@ -46,14 +44,14 @@ class CorrectionParams:
     original authors' (docs/corrections.md names each source and convention)."""
     qbnorm_beta: float = 20.0                 # QB-Norm inverted-softmax beta
     qbnorm_k: int = 1                         # QB-Norm activation k (dynamic inverted softmax)
-    dbnorm_beta1: float = R.DBNORM_BETA1      # DBNorm query-bank beta (1/1.99)
-    dbnorm_beta2: float = R.DBNORM_BETA2      # DBNorm gallery-bank beta (3)
+    dbnorm_beta1: float = retrieval.DBNORM_BETA1   # DBNorm query-bank beta (1/1.99)
+    dbnorm_beta2: float = retrieval.DBNORM_BETA2   # DBNorm gallery-bank beta (3)
     dbnorm_dynamic: bool = False              # dual dynamic inverted softmax instead of dual inverted softmax
     dbnorm_k: int = 1                         # its activation k
     nnn_k: int = 128                          # NNN: bank neighbours per gallery item (README value)
     nnn_alpha: float = 0.75                   # NNN: weight of their mean (README value)
     csls_k: int = 10                          # CSLS neighbourhood size
-    dsl_temperature: float = R.DSL_TEMPERATURE  # dual softmax: softmax over queries of s / T
+    dsl_temperature: float = retrieval.DSL_TEMPERATURE  # dual softmax: softmax over queries of s / T
     query_bank_size: int = 5000               # query bank: training captions (t2v) / videos (v2t)
     gallery_bank_size: int = 5000             # gallery bank (DBNorm): training videos (t2v) / captions (v2t)
     bank_seed: int = 0                        # the banks' random subsets of the training split
@@ -108,17 +106,6 @@ def encode_videos(model, dataset, video_indices: Sequence[int] | None, device, b
     return torch.cat(vs), torch.cat(ms), torch.cat(ws)
 
 
-def wti_score_fn(q, g, *, q_is_text: bool):
-    """score_fn for :mod:`nbretr.retrieval` over prepared (tokens, mask, weights) triples."""
-    def fn(qs: slice, gs: slice) -> torch.Tensor:
-        a = tuple(x[qs] for x in q)
-        b = tuple(x[gs] for x in g)
-        if q_is_text:
-            return ops.wti_similarity(*a, *b)
-        return ops.wti_similarity(*b, *a).t()
-    return fn
-
-
 # -- evaluation ------------------------------------------------------------------------------
 
 def best_caption_score_fn(vids, texts, c2v: torch.Tensor):
@@ -156,33 +143,65 @@ def hubness_note(counts: torch.Tensor, k: int, num_g: int) -> str | None:
     return None
 
 
-def _direction_report(stats: R.StreamStats, k: int, num_g: int) -> dict[str, Any]:
-    out = M.retrieval_metrics(stats.ranks)
+def _direction_report(stats: scoring.StreamStats, k: int, num_g: int) -> dict[str, Any]:
+    out = metrics.retrieval_metrics(stats.ranks)
     out.update(num_queries=int(stats.ranks.numel()), num_gallery=num_g)
-    out["hubness"] = M.hubness(stats.counts, k, int(stats.ranks.numel()))
+    out["hubness"] = metrics.hubness(stats.counts, k, int(stats.ranks.numel()))
     note = hubness_note(stats.counts, k, num_g)
     if note:
         out["hubness"]["note"] = note
     return out
 
 
-def _all_reduce_stats(stats: R.StreamStats, dist_: Dist, num_q: int, q_range: slice) -> R.StreamStats:
+def _all_reduce_stats(stats: scoring.StreamStats, dist_: Dist, num_q: int, q_range: slice
+                      ) -> scoring.StreamStats:
     if not dist_.enabled:
         return stats
-    counts, sums = stats.counts.to(dist_.device), stats.sums.to(dist_.device)
+    counts = stats.counts.to(dist_.device)
     dist.all_reduce(counts)
-    dist.all_reduce(sums)
     parts = [None] * dist_.world_size
     dist.all_gather_object(parts, (q_range.start, q_range.stop, stats.ranks[q_range].tolist()))
     ranks = torch.empty(num_q, dtype=torch.long)
     for start, stop, r in parts:
         ranks[start:stop] = torch.tensor(r, dtype=torch.long)
-    return R.StreamStats(ranks, stats.topk_indices, counts.cpu(), sums.cpu())
+    return scoring.StreamStats(ranks, stats.topk_indices, counts.cpu(), None)
 
 
-def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q_chunk=256,
-                    ties: str = "lower-index", tie_seed: int = 0) -> R.StreamStats:
-    """Ranks for this rank's share of the queries, all-reduced across ranks."""
+@dataclass
+class RankOptions:
+    """How every direction is ranked: queries per row block and the tie rule of the top-k
+    lists behind N_k ("lower-index", or "random" seeded by ``tie_seed``)."""
+    q_chunk: int = 256
+    ties: str = "lower-index"
+    tie_seed: int = 0
+
+
+@dataclass
+class Direction:
+    """One retrieval direction over prepared (tokens, mask, weights) triples: ``queries``
+    rank ``gallery`` by ``score_fn``; ``targets`` [num_q, T] (scoring.as_targets) are
+    each query's correct items; ``k`` is the k of N_k (clipped to the gallery)."""
+    name: str                 # "t2v" or "v2t"
+    queries: tuple
+    gallery: tuple
+    q_is_text: bool
+    targets: torch.Tensor
+    k: int
+    score_fn: scoring.ScoreFn
+
+    @property
+    def num_q(self) -> int:
+        return len(self.queries[0])
+
+    @property
+    def num_g(self) -> int:
+        return len(self.gallery[0])
+
+
+def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, opts: RankOptions,
+                    rescore: scoring.Rescore | None = None) -> scoring.StreamStats:
+    """Ranks for this rank's share of the queries through the scoring engine, all-reduced
+    across ranks."""
     per = -(-num_q // dist_.world_size)
     q_range = slice(min(num_q, dist_.rank * per), min(num_q, (dist_.rank + 1) * per))
     n_local = q_range.stop - q_range.start
@@ -190,17 +209,18 @@ def _rank_direction(score_fn, num_q, num_g, targets, k, dist_, transform=None, q
     def local_fn(qs, gs):
         return score_fn(slice(q_range.start + qs.start, q_range.start + qs.stop), gs)
 
-    local_transform = None if transform is None else (
-        lambda qs, block: transform(slice(q_range.start + qs.start, q_range.start + qs.stop), block))
+    local_rescore = None if rescore is None else (
+        lambda qs, block: rescore(slice(q_range.start + qs.start, q_range.start + qs.stop), block))
     if n_local > 0:
-        local = R.stream_ranks(local_fn, n_local, num_g, targets[q_range], k, q_chunk=q_chunk,
-                               transform=local_transform, ties=ties, tie_seed=tie_seed, q_offset=q_range.start)
+        local = scoring.stream(local_fn, n_local, num_g, targets[q_range], k, q_chunk=opts.q_chunk,
+                               rescore=local_rescore, ties=opts.ties, tie_seed=opts.tie_seed,
+                               q_offset=q_range.start, sums=False)
         ranks = torch.zeros(num_q, dtype=torch.long)
         ranks[q_range] = local.ranks
-        stats = R.StreamStats(ranks, local.topk_indices, local.counts, local.sums)
+        stats = scoring.StreamStats(ranks, local.topk_indices, local.counts, None)
     else:
-        stats = R.StreamStats(torch.zeros(num_q, dtype=torch.long), torch.zeros(0, k, dtype=torch.long),
-                              torch.zeros(num_g, dtype=torch.long), torch.zeros(num_g, dtype=torch.float64))
+        stats = scoring.StreamStats(torch.zeros(num_q, dtype=torch.long), torch.zeros(0, k, dtype=torch.long),
+                                    torch.zeros(num_g, dtype=torch.long), None)
     return _all_reduce_stats(stats, dist_, num_q, q_range)
 
 
@@ -215,7 +235,7 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     "random", seeded by ``tie_seed``)."""
     params = params or CorrectionParams()
     params.validate()
-    ties = dict(ties=hubness_ties, tie_seed=tie_seed)
+    opts = RankOptions(q_chunk=q_chunk, ties=hubness_ties, tie_seed=tie_seed)
     dist_ = dist_ or Dist(device=next(model.parameters()).device)
     device = dist_.device
     was_training = model.training
@@ -224,38 +244,37 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
     vids = encode_videos(model, test_ds, None, device, num_workers=cfg.num_workers)
     c2v = torch.as_tensor(test_ds.caption_to_video).tolist()
     n_t, n_v = len(c2v), test_ds.num_videos
-    k_t2v, k_v2t = min(k, n_v), min(k, n_t)
-    t2v_targets = [[v] for v in c2v]
     v2t_targets: list[list[int]] = [[] for _ in range(n_v)]
     for c, v in enumerate(c2v):
         v2t_targets[v].append(c)
-    t2v_fn = wti_score_fn(texts, vids, q_is_text=True)
-    v2t_fn = wti_score_fn(vids, texts, q_is_text=False)
+    t2v_dir = Direction("t2v", texts, vids, True, scoring.as_targets(torch.tensor(c2v, dtype=torch.long), n_t),
+                        min(k, n_v), scoring.wti_score_fn(texts, vids, q_is_text=True))
+    v2t_dir = Direction("v2t", vids, texts, False, scoring.as_targets(v2t_targets, n_v), min(k, n_t),
+                        scoring.wti_score_fn(vids, texts, q_is_text=False))
 
     v2t_ranking = getattr(cfg, "v2t_ranking", None) or "per-caption"
     if v2t_ranking not in V2T_RANKINGS:
         raise ValueError(f"v2t_ranking must be one of {V2T_RANKINGS}, got {v2t_ranking!r}")
-    t2v = _rank_direction(t2v_fn, n_t, n_v, t2v_targets, k_t2v, dist_, q_chunk=q_chunk, **ties)
+    t2v = _rank_direction(t2v_dir.score_fn, n_t, n_v, t2v_dir.targets, t2v_dir.k, dist_, opts)
     if v2t_ranking == "best-caption":
         k_v2t_main = min(k, n_v)
         v2t = _rank_direction(best_caption_score_fn(vids, texts, test_ds.caption_to_video), n_v, n_v,
-                              [[v] for v in range(n_v)], k_v2t_main, dist_, q_chunk=q_chunk, **ties)
+                              scoring.as_targets(torch.arange(n_v), n_v), k_v2t_main, dist_, opts)
         v2t_report = _direction_report(v2t, k_v2t_main, n_v)
     else:
-        v2t = _rank_direction(v2t_fn, n_v, n_t, v2t_targets, k_v2t, dist_, q_chunk=q_chunk, **ties)
-        v2t_report = _direction_report(v2t, k_v2t, n_t)
+        v2t = _rank_direction(v2t_dir.score_fn, n_v, n_t, v2t_dir.targets, v2t_dir.k, dist_, opts)
+        v2t_report = _direction_report(v2t, v2t_dir.k, n_t)
     v2t_report["ranking"] = v2t_ranking
     missing = list(getattr(test_ds, "missing_videos", []) or [])
     results: dict[str, Any] = {"dataset": cfg.dataset, "k": k,
                                "hubness_ties": hubness_ties,
                                **({"tie_seed": tie_seed} if hubness_ties == "random" else {}),
                                "missing_videos": len(missing),
-                               "t2v": _direction_report(t2v, k_t2v, n_v),
+                               "t2v": _direction_report(t2v, t2v_dir.k, n_v),
                                "v2t": v2t_report}
     if corrections:
-        results["corrections"] = _corrections(model, cfg, dist_, corrections, texts, vids, t2v_fn, v2t_fn,
-                                              t2v_targets, v2t_targets, k_t2v, k_v2t, bank_ds, params,
-                                              q_chunk, ties)
+        results["corrections"] = _corrections(model, cfg, dist_, (t2v_dir, v2t_dir), corrections, bank_ds,
+                                              params, opts)
     if out_dir is not None and dist_.is_main:
         path = Path(out_dir) / "nk_histogram.png"
         save_histogram({"text->video": t2v.counts, "video->text": v2t.counts}, k, path)
@@ -306,14 +325,15 @@ def correction_params_of(name: str, p: CorrectionParams) -> dict[str, Any]:
     raise ValueError(f"unknown correction {name!r}")
 
 
-def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targets, v2t_targets, k_t2v, k_v2t,
-                 bank_ds, p: CorrectionParams, q_chunk, ties=None) -> dict[str, Any]:
-    """R@K and hubness after each correction. Banks come from ``bank_ds`` (the training
-    split): the query bank holds the queries' modality (captions for text->video, videos
-    for video->text), DBNorm's gallery bank the gallery's (videos for text->video,
+def _corrections(model, cfg, dist_: Dist, directions: Sequence[Direction], names: Sequence[str], bank_ds,
+                 p: CorrectionParams, opts: RankOptions) -> dict[str, Any]:
+    """R@K and hubness after each correction (``names``) in each of ``directions``, each
+    correction the ``rescore`` hook of the scoring engine. Banks come from ``bank_ds`` (the
+    training split): the query bank holds the queries' modality (captions for text->video,
+    videos for video->text), DBNorm's gallery bank the gallery's (videos for text->video,
     captions for video->text). Each direction's report carries ``params``: the
     correction's parameters and its banks."""
-    ties = ties or {}
+    q_chunk = opts.q_chunk
     need = set(names)
     uses_qbank = bool(need & {"qbnorm", "dbnorm", "nnn", "csls"})
     uses_gbank = "dbnorm" in need
@@ -334,11 +354,9 @@ def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targ
         return {"split": split, "items": items, "size": n, "requested": requested, "seed": p.bank_seed}
 
     out: dict[str, Any] = {}
-    for direction, q, gal, q_is_text, targets, k, fn in (
-        ("t2v", texts, vids, True, t2v_targets, k_t2v, t2v_fn),
-        ("v2t", vids, texts, False, v2t_targets, k_v2t, v2t_fn),
-    ):
-        n_q, n_g = len(q[0]), len(gal[0])
+    for d in directions:
+        gal, q_is_text, fn = d.gallery, d.q_is_text, d.score_fn
+        n_q, n_g = d.num_q, d.num_g
         q_items, g_items = ("captions", "videos") if q_is_text else ("videos", "captions")
         transforms, info = {}, {}
         if uses_qbank:
@@ -348,38 +366,37 @@ def _corrections(model, cfg, dist_, names, texts, vids, t2v_fn, v2t_fn, t2v_targ
             mean_ks = ([p.nnn_k] if "nnn" in need else []) + ([p.csls_k] if "csls" in need else [])
             hit_ks = ([p.qbnorm_k] if "qbnorm" in need else []) + \
                 ([p.dbnorm_k] if "dbnorm" in need and p.dbnorm_dynamic else [])
-            qstats = R.bank_stats(wti_score_fn(bq, gal, q_is_text=q_is_text), len(bq[0]), n_g, betas=betas,
-                                  mean_ks=mean_ks, hit_ks=hit_ks, q_chunk=q_chunk)
+            qstats = scoring.bank_stats(scoring.wti_score_fn(bq, gal, q_is_text=q_is_text), len(bq[0]), n_g,
+                                        betas=betas, mean_ks=mean_ks, hit_ks=hit_ks, q_chunk=q_chunk)
         if "qbnorm" in need:
-            transforms["qbnorm"] = lambda qs, b: R.qb_norm(b, qstats, p.qbnorm_beta, p.qbnorm_k)
+            transforms["qbnorm"] = lambda qs, b: retrieval.qb_norm(b, qstats, p.qbnorm_beta, p.qbnorm_k)
             info["qbnorm"] = {"query_bank": qb_info}
         if "dbnorm" in need:
             bg = _take(bank_vids if q_is_text else bank_texts, p.gallery_bank_size)
-            gstats = R.bank_stats(same_modality_score_fn(bg, gal), len(bg[0]), n_g, betas=[p.dbnorm_beta2],
-                                  hit_ks=[p.dbnorm_k] if p.dbnorm_dynamic else [], q_chunk=q_chunk)
-            transforms["dbnorm"] = lambda qs, b: R.db_norm(b, qstats, gstats, p.dbnorm_beta1, p.dbnorm_beta2,
-                                                          dynamic=p.dbnorm_dynamic, k=p.dbnorm_k)
+            gstats = scoring.bank_stats(same_modality_score_fn(bg, gal), len(bg[0]), n_g, betas=[p.dbnorm_beta2],
+                                        hit_ks=[p.dbnorm_k] if p.dbnorm_dynamic else [], q_chunk=q_chunk)
+            transforms["dbnorm"] = lambda qs, b: retrieval.db_norm(b, qstats, gstats, p.dbnorm_beta1, p.dbnorm_beta2,
+                                                                  dynamic=p.dbnorm_dynamic, k=p.dbnorm_k)
             info["dbnorm"] = {"query_bank": qb_info, "gallery_bank": bank_info(g_items, bg, p.gallery_bank_size),
                               "gallery_bank_similarity": f"WTI {g_items} x {g_items}"}
         if "nnn" in need:
-            transforms["nnn"] = lambda qs, b: R.nnn(b, qstats, alpha=p.nnn_alpha, k=p.nnn_k)
+            transforms["nnn"] = lambda qs, b: retrieval.nnn(b, qstats, alpha=p.nnn_alpha, k=p.nnn_k)
             info["nnn"] = {"query_bank": qb_info, "k_used": min(p.nnn_k, qb_info["size"])}
         if "csls" in need:
-            transforms["csls"] = lambda qs, b: R.csls(b, qstats, k=p.csls_k)
+            transforms["csls"] = lambda qs, b: retrieval.csls(b, qstats, k=p.csls_k)
             info["csls"] = {"query_bank": qb_info, "k_used_query_bank": min(p.csls_k, qb_info["size"]),
                             "k_used_gallery": min(p.csls_k, n_g)}
         if "dsl" in need:
-            col = R.column_lse(fn, n_q, n_g, temperature=p.dsl_temperature, q_chunk=q_chunk)
-            transforms["dsl"] = lambda qs, b: R.dual_softmax(b, col, p.dsl_temperature)
+            col = scoring.column_lse(fn, n_q, n_g, temperature=p.dsl_temperature, q_chunk=q_chunk)
+            transforms["dsl"] = lambda qs, b: retrieval.dual_softmax(b, col, p.dsl_temperature)
             info["dsl"] = {"softmax_over": f"the {n_q} test {q_items}"}
         for name in CORRECTIONS:
             if name not in transforms:
                 continue
-            st = _rank_direction(fn, n_q, n_g, targets, k, dist_, transform=transforms[name], q_chunk=q_chunk,
-                                 **ties)
-            rep = _direction_report(st, k, n_g)
+            st = _rank_direction(fn, n_q, n_g, d.targets, d.k, dist_, opts, rescore=transforms[name])
+            rep = _direction_report(st, d.k, n_g)
             rep["params"] = {**correction_params_of(name, p), **info[name]}
-            out.setdefault(name, {})[direction] = rep
+            out.setdefault(name, {})[d.name] = rep
     return out
 
 
@@ -494,7 +511,7 @@ def _add_correction_options(p: argparse.ArgumentParser) -> None:
                    help=f"DBNorm's gallery bank: training videos (t2v) / captions (v2t) "
                         f"(default {d.gallery_bank_size})")
     g.add_argument("--bank-seed", type=int, default=d.bank_seed, help="seed of the banks' random subsets (default 0)")
-    g.add_argument("--hubness-ties", choices=R.TIES, default="lower-index",
+    g.add_argument("--hubness-ties", choices=scoring.TIES, default="lower-index",
                    help="tie rule of the top-k lists behind N_k: lower-index (default) or random (scikit-hubness)")
     g.add_argument("--tie-seed", type=int, default=0, help="seed of --hubness-ties random (default 0)")
 

@@ -1,7 +1,8 @@
 """Hubness report: ``python -m nbretr.hubness QUERY GALLERY [--paired] [--k 10] [--png FILE]``.
 
 Reads query and gallery embeddings ([N, D] .npy or .pt), compares them by cosine
-similarity (``--metric dot|euclidean`` for the others), streams them through :func:`nbretr.ops.topk_centrality` and prints
+similarity (``--metric dot|euclidean`` for the others), streams them through :func:`nbretr.ops.topk_centrality`
+(N_k) and the scoring engine (:func:`nbretr.scoring.ranks`) and prints
 R@K (with ``--paired``: query i's correct item is gallery item i) and the hubness table
 (docs/corrections.md, "Hubness measures"), and saves a histogram of the k-occurrences N_k as PNG.
 """
@@ -16,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nbretr import metrics, ops
+from nbretr import metrics, ops, scoring
 
 __all__ = ["load_embeddings", "hubness_report", "save_histogram", "main"]
 
@@ -84,10 +85,10 @@ def hubness_report(q: torch.Tensor, g: torch.Tensor, k: int = 10, *, paired: boo
         g = torch.cat([2 * gf, -(gf * gf).sum(1, keepdim=True)], 1)
     elif metric != "dot":
         raise ValueError(f"metric must be 'cosine', 'dot' or 'euclidean', got {metric!r}")
-    _, _, counts, _ = ops.topk_centrality(q, g, k, exclude_self=exclude_self, backend=backend)
+    counts = scoring.k_occurrence(q, g, k, exclude_self=exclude_self, backend=backend)
     retrieval = None
     if paired:
-        ranks = metrics.rank_of_targets(q, g)
+        ranks = scoring.ranks(q, g)
         retrieval = metrics.retrieval_metrics(ranks)
     return {"hubness": metrics.hubness(counts, k, q.shape[0]), "retrieval": retrieval, "counts": counts,
             "k": k, "num_queries": q.shape[0], "gallery_size": g.shape[0], "metric": metric}

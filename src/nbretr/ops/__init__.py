@@ -9,6 +9,7 @@ from nbretr.ops.ring import ring_push, ring_view
 from nbretr.ops.settings import KernelSettings, get_kernel_settings, kernel_settings, set_kernel_settings
 from nbretr.ops.sinkhorn import sinkhorn_log
 from nbretr.ops.topk import TOPK_MAX_K, topk_centrality
+from nbretr.ops.topk_rank import topk_rank
 from nbretr.ops.wti import wti_block, wti_similarity
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "wti_block",
     "topk_centrality",
     "TOPK_MAX_K",
+    "topk_rank",
     "sinkhorn_log",
 ]

@@ -305,3 +305,66 @@ def check_wti_range(q: tuple, g: tuple) -> None:
         if not bound <= TOPK_SIM_LIMIT:
             fail("topk_centrality", f"q and g may give {what} beyond the float32 range (bound {bound:g} > "
                  f"{TOPK_SIM_LIMIT:g}); scale the tokens, masks or weights down")
+
+
+# ---- topk_rank (csrc/common/topk_rank_checks.h) --------------------------------------
+
+_RANK = "topk_rank"
+TOPK_RANK_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_topk_rank_args(scores: Any, targets: Any, k: Any, counts: torch.Tensor) -> None:
+    """csrc/common/topk_rank_checks.h ``check_topk_rank_args``, same messages and order
+    (the torch path and the fake kernel)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        got = "shape " + shape(scores) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        fail(_RANK, f"scores must be a 2-D tensor [R, G], got {got}")
+    if scores.dtype not in TOPK_RANK_FLOATS:
+        fail(_RANK, f"scores has dtype {scores.dtype}; expected torch.float32, torch.float64, torch.float16 or "
+              "torch.bfloat16")
+    R, G = scores.shape
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= G:
+        fail(_RANK, f"k must be in [0, G={G}], got {k}")
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or targets.shape[0] != R \
+                or targets.shape[1] < 1:
+            got = shape(targets) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            fail(_RANK, f"targets must have shape [R={R}, T >= 1], got {got}")
+        if targets.dtype != torch.int64:
+            fail(_RANK, f"targets must have dtype torch.int64, got {targets.dtype}")
+        if targets.device != scores.device:
+            fail(_RANK, f"targets is on {targets.device} but scores is on {scores.device}; every tensor must be on "
+                  "one device")
+    if counts.dim() != 1 or counts.shape[0] != G:
+        fail(_RANK, f"counts must have shape [G={G}], got {shape(counts)}")
+    if counts.dtype != torch.int64:
+        fail(_RANK, f"counts must have dtype torch.int64, got {counts.dtype}")
+    if counts.device != scores.device:
+        fail(_RANK, f"counts is on {counts.device} but scores is on {scores.device}; every tensor must be on one device")
+    if not counts.is_contiguous():
+        fail(_RANK, "counts must be contiguous")
+    if counts.requires_grad:
+        fail(_RANK, "counts requires grad; topk_rank has no gradient")
+
+
+def check_topk_rank_values(scores: torch.Tensor, targets: torch.Tensor | None) -> None:
+    """What the kernel checks while it reads: target entries, then NaN scores."""
+    G = scores.shape[1]
+    if targets is not None and targets.numel():
+        bad = (targets < -1) | (targets >= G)
+        if bool(bad.any()):
+            r, c = (int(x) for x in bad.nonzero()[0])
+            fail(_RANK, f"targets[{r}, {c}] = {int(targets[r, c])} is outside [-1, G={G}) (-1 marks padding)")
+        empty = ~(targets >= 0).any(1)
+        if bool(empty.any()):
+            fail(_RANK, f"targets row {int(empty.nonzero()[0, 0])} has no target (every entry is -1)")
+    if scores.numel() and bool(torch.isnan(scores).any()):
+        fail(_RANK, "scores contain NaN values; ranks need ordered scores")
+
+
+def check_topk_rank_extra(k: Any, counts: torch.Tensor) -> None:
+    """What the extension's C++ checks cannot see: k's Python type and autograd."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        fail(_RANK, f"k must be in [0, G={counts.shape[0] if counts.dim() == 1 else '?'}], got {k}")
+    if counts.requires_grad:
+        fail(_RANK, "counts requires grad; topk_rank has no gradient")
