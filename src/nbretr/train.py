@@ -71,6 +71,8 @@ def _dataset(cfg: TrainConfig, split: str, tokenizer, out_dir: Path | None = Non
         kw["allow_missing"] = True
     if cfg.frame_sampling:
         kw["frame_sampling"] = cfg.frame_sampling
+    kw["backend"] = cfg.decoder
+    kw["decode_device"] = cfg.decode_device
     if dataset_key(cfg.dataset) == "didemo":
         kw["didemo_window"] = parse_window(cfg.didemo_window)
     if split == "train" and cfg.augment and cfg.augment != "none":
@@ -141,19 +143,24 @@ def clip_precision(cfg: TrainConfig, device: torch.device) -> str:
 
 def prepare_clip(model, cfg: TrainConfig, device: torch.device) -> None:
     """Apply the recipe's CLIP choices: float16 weights (updated in place by the optimiser)
-    and the frozen patch embedding."""
+    and the frozen patch embedding; and ``--freeze-clip-layers``."""
     from nbretr.models import clip as clip_mod
     if cfg.freeze_patch_embed:
         clip_mod.freeze_patch_embedding(model.clip)
+    if cfg.freeze_clip_layers >= 0:
+        frozen = clip_mod.freeze_clip_layers(model.clip, cfg.freeze_clip_layers)
+        log.info("--freeze-clip-layers %d: %d CLIP parameter tensors frozen (embeddings and blocks 0-%d of "
+                 "both towers)", cfg.freeze_clip_layers, len(frozen), cfg.freeze_clip_layers - 1)
     if clip_precision(cfg, device) == "fp16":
         n = clip_mod.clip_weights_to_fp16(model.clip)
         log.info("CLIP weights in float16 (%d layers), updated in place by the optimiser", n)
 
 
 def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
-    from nbretr.data import collate
+    from nbretr.data import collate, loader_context
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
                                        num_workers=num_workers, collate_fn=collate,
+                                       multiprocessing_context=loader_context(dataset, num_workers),
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
@@ -208,13 +215,10 @@ class Trainer:
         self.last_checkpoint: tuple[Path, int] | None = None
         self._stop_requested = False
         self._setup_evaluation()
-        self.writer = None
-        if dist_.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        from nbretr.config import report_targets
+        from nbretr.tracking import Trackers
+        self.trackers = Trackers(report_targets(cfg.report_to), run_dir, cfg.to_dict(), is_main=dist_.is_main,
+                                 project=cfg.wandb_project, mode=cfg.wandb_mode, resuming=bool(cfg.resume))
 
     # checkpoints ---------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -301,6 +305,8 @@ class Trainer:
                                       "config": self.cfg.to_dict(), "val_rsum": score},
                                      self.run_dir / "checkpoints" / "best.pt")
         if self.dist.is_main:
+            from nbretr.tracking import flat_metrics
+            self.trackers.log(flat_metrics(m, "eval"), self.global_step)
             with open(self.run_dir / "eval_history.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             log.info("step %d, %s split: t2v R@1 %.1f Rsum %.1f, v2t R@1 %.1f Rsum %.1f", self.global_step,
@@ -398,8 +404,7 @@ class Trainer:
             pbar.close()
             if jsonl:
                 jsonl.close()
-            if self.writer:
-                self.writer.flush()
+            self.trackers.flush()
 
     # Ctrl-C ----------------------------------------------------------------------------
     def _catch_sigint(self):
@@ -460,10 +465,9 @@ class Trainer:
                    "time": round(elapsed, 3)}
             jsonl.write(json.dumps(rec) + "\n")
             jsonl.flush()
-        if self.writer is not None and (self.global_step % self.cfg.log_every == 0 or self.global_step == 1):
-            for k, v in parts.items():
-                self.writer.add_scalar(f"train/{k}", v, self.global_step)
-            self.writer.add_scalar("train/lr", self.sched.get_last_lr()[0], self.global_step)
+        if self.global_step % self.cfg.log_every == 0 or self.global_step == 1:
+            self.trackers.log({**{f"train/{k}": v for k, v in parts.items()}, "train/lr": self.sched.get_last_lr()[0]},
+                              self.global_step)
 
     def report_bad_data(self) -> None:
         from nbretr.data import log_bad_summary
@@ -486,7 +490,7 @@ class RunFolder:
     fails before training starts leaves nothing behind (the folder itself when it made it,
     else the files it wrote)."""
 
-    WRITES = ("config.yaml", "build_info.json", "tokenizer.json", "tb")
+    WRITES = ("config.yaml", "build_info.json", "tokenizer.json", "tb", "wandb", "wandb_id.txt")
 
     def __init__(self, path: Path, *, resuming: bool, is_main: bool):
         self.path, self.is_main = path, is_main
@@ -670,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 from nbretr import eval as evaluation
                 metrics = trainer.final_evaluation()
                 if dist_.is_main:
+                    from nbretr.tracking import flat_metrics
+                    trainer.trackers.summary(flat_metrics(metrics, "test"), trainer.global_step)
                     print(evaluation.format_report(metrics))
                     metrics_path = write_json(run_dir / "metrics.json", metrics)
             if dist_.is_main:
@@ -680,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             raise Interrupted(trainer.interrupt_message()) from None
         raise Interrupted(interrupt_message(run.path if run else None, None)) from None
     finally:
+        if trainer is not None:
+            trainer.trackers.close()
         if run is not None:
             run.release()
         cleanup_distributed()
