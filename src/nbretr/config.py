@@ -360,8 +360,9 @@ def validate(cfg: TrainConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
     report_targets(cfg.report_to)
-    from nbretr.data.decoding import resolve_decoder
-    resolve_decoder(cfg.decoder, cfg.decode_device)  # a decoder or device that cannot work here: say so now
+    if cfg.decoder != "auto" or cfg.decode_device != "cpu":  # asked for, and cannot work here: say so now
+        from nbretr.data.decoding import resolve_decoder
+        resolve_decoder(cfg.decoder, cfg.decode_device)
     if cfg.backend == "ext":
         from nbretr import _ext
         if not _ext.ext_loaded():

@@ -582,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.decoder = args.decoder
     if args.decode_device:
         cfg.decode_device = args.decode_device
-    from nbretr.data.decoding import resolve_decoder
-    resolve_decoder(cfg.decoder, cfg.decode_device)  # a decoder or device that cannot work here
+    if cfg.decoder != "auto" or cfg.decode_device != "cpu":  # asked for, and cannot work here: say so now
+        from nbretr.data.decoding import resolve_decoder
+        resolve_decoder(cfg.decoder, cfg.decode_device)
     if args.dataset:
         cfg.dataset = args.dataset
     if args.data_root:

@@ -53,8 +53,8 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, tokeniz
     """The ``split`` ("train"|"val"|"test") of dataset ``name`` (one of :data:`DATASETS`)
     read from ``root``. Items are dicts (see :class:`VideoTextDataset`). Extra options:
     ``augment`` (random resized crop + flip, off by default), ``flip_p``, ``backend``
-    ("auto"|"torchcodec"|"decord"|"pyav"), ``decode_device`` ("cpu"|"cuda"; torchcodec), ``video_dir`` (the video folder, absolute or under root;
-    searched recursively); missing videos: ``allow_missing``, ``max_missing`` (0.01),
+    ("auto"|"torchcodec"|"decord"|"pyav"), ``decode_device`` ("cpu"|"cuda"; torchcodec),
+    ``video_dir`` (the video folder, absolute or under root; searched recursively); missing videos: ``allow_missing``, ``max_missing`` (0.01),
     ``keep_missing`` (default: test/val keep, train drops), ``missing_list`` (file for their
     ids); ``repeated_ids`` ("once"|"repeat"); per layout: msrvtt ``train_list`` ("9k"|"7k"),
     didemo ``didemo_window`` ((0, 31) | None), coco ``test_size`` ("5k"|"1k"), coco/flickr30k

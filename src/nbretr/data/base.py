@@ -87,8 +87,9 @@ class VideoTextDataset(Dataset):
         self.video_framerate = float(video_framerate)
         self.image_size = int(image_size)
         self.strict = bool(strict)
-        from nbretr.data.decoding import resolve_decoder
-        resolve_decoder(backend, decode_device)  # an unknown or unusable decoder: an error now, not per item
+        if backend != "auto" or str(decode_device) != "cpu":  # a decoder asked for that cannot work: say so now
+            from nbretr.data.decoding import resolve_decoder
+            resolve_decoder(backend, decode_device)
         self.backend = backend
         self.decode_device = str(decode_device)
         if frame_sampling not in SAMPLING_RULES:
