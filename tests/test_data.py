@@ -107,9 +107,9 @@ def test_backend_choice_reported_once(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="nbretr.data"):
         for _ in range(3):
             assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape[0] == 5
-    assert [r.getMessage() for r in caplog.records].count(
-        "nbretr.data: torchcodec is not installed; decord is not installed (pip install decord, or "
-        "'nbretr[data]'); decoding videos with pyav") == 1
+    before = decoding.AUTO_ORDER[:decoding.AUTO_ORDER.index("pyav")]
+    why = "; ".join(decoding.why_unavailable(b) for b in before)
+    assert [r.getMessage() for r in caplog.records].count(f"nbretr.data: {why}; decoding videos with pyav") == 1
 
 
 def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplog):

@@ -122,22 +122,27 @@ def test_torchcodec_bad_files_are_decode_errors(tmp_path, clips):
 
 
 def test_auto_takes_the_first_installed_in_the_measured_order(monkeypatch, caplog, clips):
-    assert decoding.AUTO_ORDER[-1] == "pyav" and set(decoding.AUTO_ORDER) == set(decoding.DECODERS)
+    assert set(decoding.AUTO_ORDER) == set(decoding.DECODERS) and len(decoding.AUTO_ORDER) == 3
     installed = decoding.available_backends()
     if not installed:
         pytest.skip("no decoder installed")
     assert resolve_decoder("auto") == installed[0]
     assert installed == [b for b in decoding.AUTO_ORDER if b in installed]
     # the first one gone: the next one, and one INFO line saying why
-    need("decord")
-    monkeypatch.setattr(decoding, "_torchcodec_state", {"ok": False, "why": "torchcodec is not installed"})
+    first, second = decoding.AUTO_ORDER[:2]
+    need(first)
+    need(second)
+    if first == "torchcodec":
+        monkeypatch.setattr(decoding, "_torchcodec_state", {"ok": False, "why": "torchcodec is not installed"})
+    else:
+        monkeypatch.setattr(decoding, f"_have_{'av' if first == 'pyav' else first}", lambda: False)
     monkeypatch.setattr(decoding, "_reported", set())
-    assert resolve_decoder("auto") == "decord"
+    assert resolve_decoder("auto") == second
     with caplog.at_level(logging.INFO, logger="nbretr.data"):
         for _ in range(2):
             decode_frames(clips[0][0], 12, 1.0)
     msgs = [r.getMessage() for r in caplog.records]
-    assert msgs.count("nbretr.data: torchcodec is not installed; decoding videos with decord") == 1
+    assert msgs.count(f"nbretr.data: {decoding.why_unavailable(first)}; decoding videos with {second}") == 1
 
 
 # ------------------------------------------------------------------ options and their errors

@@ -229,8 +229,10 @@ def _have_torchcodec() -> bool:
 
 
 DECODERS = ("torchcodec", "decord", "pyav")
-# The order "auto" tries, fastest first, as measured by bench/data.py (docs/benchmarks.md).
-AUTO_ORDER = ("torchcodec", "decord", "pyav")
+# The order "auto" tries, fastest first on the MSR-VTT-like clips of bench/data.py, raw and
+# re-encoded by nbretr.prepare (docs/benchmarks.md): decord, then PyAV, then torchcodec
+# (torchcodec was the fastest only on the embedded set's 32x32 clips).
+AUTO_ORDER = ("decord", "pyav", "torchcodec")
 _HAVE = {"torchcodec": _have_torchcodec, "decord": lambda: _have_decord(), "pyav": lambda: _have_av()}
 
 
