@@ -280,11 +280,11 @@ def resolve_decoder(backend: str = "auto", device: str = "cpu") -> str:
         if why:
             raise DecoderUnavailable(f"--decoder {backend}: {why}")
         return backend
-    found = available_backends()
-    if not found:
-        raise DecoderUnavailable("no video decoding backend: install torchcodec, decord or av "
-                                 "(pip install 'nbretr[data]')")
-    return found[0]
+    for b in AUTO_ORDER:  # the first that loads (torchcodec, last, is imported only when needed)
+        if _HAVE[b]():
+            return b
+    raise DecoderUnavailable("no video decoding backend: install decord, av or torchcodec "
+                             "(pip install 'nbretr[data]')")
 
 
 SAMPLING_RULES = ("first", "uniform")
