@@ -3,8 +3,13 @@ WTI against the batch and the bank, token clustering, the four losses, the bank 
 of a full training step of the tiny model, extension vs torch path.
 
     python bench/train_step.py [--device cuda] [--size tiny|vitb32] [--batch 128] [--out DIR]
+    python bench/train_step.py --memory-options --size vitb32 --batch 8
 
 ``--size vitb32`` uses a ViT-B/32-sized random CLIP (width 512, 12 layers) at 224x224.
+``--memory-options``: one full training step (encoders, losses, backward, optimiser step)
+without and with ``--grad-checkpointing`` and ``--freeze-clip-layers 6``: step time and
+peak memory (CPU: every tensor allocation, as the profiler records them), after checking
+that checkpointing gives the same gradients.
 """
 from __future__ import annotations
 
@@ -42,12 +47,75 @@ def build(size: str, max_words: int, max_frames: int, device: str):
     return model, image
 
 
+def memory_options(args) -> int:
+    """Step time and peak memory of a full training step with the memory options."""
+    import copy
+
+    from nbretr.models import clip as clip_mod
+    from nbretr.optim import build_optimizer
+    dev = args.device
+    batch = args.batch or (4 if args.quick else 8)
+    L, F = 24, 12
+    base, image = build(args.size, L, F, dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = {"text_ids": torch.randint(1, 999, (batch, L), generator=g).to(dev),
+              "text_mask": torch.ones(batch, L, dtype=torch.long, device=dev),
+              "video": torch.randn(batch, F, 3, image, image, generator=g).to(dev),
+              "video_mask": torch.ones(batch, F, dtype=torch.long, device=dev),
+              "index": torch.arange(batch, device=dev)}
+    layers = len(base.clip.text_model.encoder.layers)
+    n_freeze = min(6, layers)
+    variants = {"plain": (False, -1), "grad-checkpointing": (True, -1), f"freeze-clip-layers {n_freeze}": (False, n_freeze),
+                f"both": (True, n_freeze)}
+    # correctness first: checkpointing gives the plain step's gradients
+    grads = {}
+    for ck in (False, True):
+        m = copy.deepcopy(base)
+        m.set_grad_checkpointing(ck)
+        m.train()
+        m(inputs)["loss"].backward()
+        grads[ck] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    worst = max(float((grads[True][n] - grads[False][n]).abs().max() / grads[False][n].abs().max().clamp_min(1e-12))
+                for n in grads[False])
+    print(f"checkpointing vs plain: largest relative gradient difference {worst:.2e} over {len(grads[False])} tensors")
+    del grads
+    results = []
+    params = dict(size=args.size, batch=batch, frames=F, words=L, image=image)
+    for name, (ck, freeze) in variants.items():
+        model = copy.deepcopy(base)
+        model.set_grad_checkpointing(ck)
+        clip_mod.freeze_patch_embedding(model.clip)  # as the reference recipe
+        clip_mod.freeze_clip_layers(model.clip, freeze)
+        model.train()
+        opt, _ = build_optimizer(model, 1e-4, 1e-3, 0.2, 100, 0.1, "bertadam")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        def step(model=model, opt=opt):
+            out = model(inputs)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        r = _runner.run_case("full step fwd+bwd+opt", name, params, step, dev, repeats=args.repeats, warmup=1,
+                             extra=dict(trainable_params=trainable))
+        print(f"{name:<24} {r.ms:>10.0f} ms {r.peak_mb:>10.0f} MiB peak  {trainable / 1e6:.1f} M trainable", flush=True)
+        results.append(r)
+        del model, opt
+    print(_runner.table(results, "plain", f"memory options, full training step ({dev}, {args.size})"))
+    _runner.write_json(results, args.out, f"train_step_memory_{args.size}")
+    return 0
+
+
 def main() -> int:
     p = _runner.arg_parser(__doc__)
     p.add_argument("--size", default="tiny", choices=["tiny", "vitb32"])
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--mb-batch", type=int, default=None, help="bank = mb_batch x batch entries")
+    p.add_argument("--memory-options", action="store_true",
+                   help="time and peak memory of a full step with --grad-checkpointing / --freeze-clip-layers")
     args = p.parse_args()
+    if args.memory_options:
+        return memory_options(args)
     dev = args.device
     batch = args.batch or (16 if args.quick else (128 if dev.startswith("cuda") else 64))
     mb = args.mb_batch or (2 if args.quick else 10)

@@ -102,12 +102,14 @@ def test_backend_choice_reported_once(tmp_path, monkeypatch, caplog):
         pytest.skip("needs av")
     write_video(tmp_path / "v.mp4")
     monkeypatch.setattr(decoding, "_have_decord", lambda: False)  # as if decord were not installed
+    monkeypatch.setattr(decoding, "_torchcodec_state", {"ok": False, "why": "torchcodec is not installed"})
     monkeypatch.setattr(decoding, "_reported", set())
     with caplog.at_level(logging.INFO, logger="nbretr.data"):
         for _ in range(3):
             assert decode_frames(tmp_path / "v.mp4", 12, 1.0).shape[0] == 5
-    assert [r.getMessage() for r in caplog.records].count(
-        "nbretr.data: decord is not installed; decoding videos with PyAV") == 1
+    before = decoding.AUTO_ORDER[:decoding.AUTO_ORDER.index("pyav")]
+    why = "; ".join(decoding.why_unavailable(b) for b in before)
+    assert [r.getMessage() for r in caplog.records].count(f"nbretr.data: {why}; decoding videos with pyav") == 1
 
 
 def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplog):
@@ -116,10 +118,12 @@ def test_pyav_fallback_for_files_decord_cannot_open(tmp_path, monkeypatch, caplo
         pytest.skip("needs both decord and av")
     write_video(tmp_path / "v.mp4")
 
-    def refuse(path, *a):
+    def refuse(path, *a, **kw):
         raise VideoDecodeError(path, "undecodable", "decord: simulated failure")
 
+    # auto's first choice (torchcodec, else decord) and decord both refuse the file
     monkeypatch.setattr(decoding, "_decode_decord", refuse)
+    monkeypatch.setattr(decoding, "_decode_torchcodec", refuse)
     monkeypatch.setattr(decoding, "_reported", set())
     with caplog.at_level(logging.INFO, logger="nbretr.data"):
         for _ in range(2):
@@ -574,8 +578,10 @@ def test_bad_video_is_warned_once_and_decoder_noise_stays_quiet(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr
     lines = [ln for ln in out.stderr.splitlines() if "trunc.mp4" in ln]
     assert len(lines) == 1 and "skipping bad video" in lines[0], out.stderr
-    if "decord" in BACKENDS:
+    if BACKENDS[:1] == ["decord"]:
         assert "moov atom not found" in lines[0]  # the decoder's words, in the one warning
+    if BACKENDS[:1] == ["torchcodec"]:  # FFmpeg's words, as torchcodec passes them on
+        assert "torchcodec: Could not open input file: Invalid data found when processing input" in lines[0]
     assert "moov atom" not in out.stderr.replace(lines[0], "")  # and nowhere else
     assert "ERROR opening" not in out.stderr and "video_reader.cc" not in out.stderr
 

@@ -48,6 +48,8 @@ def build_split(cfg: TrainConfig, split: str, tokenizer, out_dir: Path | None = 
         kw["allow_missing"] = True
     if cfg.frame_sampling:
         kw["frame_sampling"] = cfg.frame_sampling
+    kw["backend"] = cfg.decoder
+    kw["decode_device"] = cfg.decode_device
     if dataset_key(cfg.dataset) == "didemo":
         kw["didemo_window"] = parse_window(cfg.didemo_window)
     if split == "train" and cfg.augment and cfg.augment != "none":
@@ -118,19 +120,24 @@ def clip_precision(cfg: TrainConfig, device: torch.device) -> str:
 
 def prepare_clip(model, cfg: TrainConfig, device: torch.device) -> None:
     """Apply the recipe's CLIP choices: float16 weights (updated in place by the optimiser)
-    and the frozen patch embedding."""
+    and the frozen patch embedding; and ``--freeze-clip-layers``."""
     from nbretr.models import clip as clip_mod
     if cfg.freeze_patch_embed:
         clip_mod.freeze_patch_embedding(model.clip)
+    if cfg.freeze_clip_layers >= 0:
+        frozen = clip_mod.freeze_clip_layers(model.clip, cfg.freeze_clip_layers)
+        log.info("--freeze-clip-layers %d: %d CLIP parameter tensors frozen (embeddings and blocks 0-%d of "
+                 "both towers)", cfg.freeze_clip_layers, len(frozen), cfg.freeze_clip_layers - 1)
     if clip_precision(cfg, device) == "fp16":
         n = clip_mod.clip_weights_to_fp16(model.clip)
         log.info("CLIP weights in float16 (%d layers), updated in place by the optimiser", n)
 
 
 def make_loader(dataset, sampler, per_rank_batch: int, num_workers: int):
-    from nbretr.data import collate
+    from nbretr.data import collate, loader_context
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
                                        num_workers=num_workers, collate_fn=collate,
+                                       multiprocessing_context=loader_context(dataset, num_workers),
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 

@@ -51,10 +51,14 @@ class TrainConfig(NeighborRetrConfig):
     didemo_window: str = "0,31"            # DiDeMo: seconds sampled, "first,last" (the released code's
                                            # 0,31) or "whole"
     augment: str | None = None             # randaugment (the released code, training videos) | none
+    decoder: str = "auto"                  # video decoder: auto (fastest installed) | torchcodec | decord | pyav
+    decode_device: str = "cpu"             # cpu | cuda (torchcodec's NVDEC decoding; unverified on a GPU)
     # model
     cluster_mlp: bool | None = None        # the released TCBlock has none (False)
     clip_weights: str | None = None        # auto (fp16 on CUDA, the released code) | fp16 | fp32
     freeze_patch_embed: bool | None = None # the released code freezes CLIP's patch-embedding conv
+    freeze_clip_layers: int = -1           # -1: none (the reference); N >= 0: CLIP's embeddings and first N
+                                           # blocks of both towers (CLIP4Clip's --freeze_layer_num)
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives
     # memory bank: batches encoded into the bank before training (the reference's mb_batch)
@@ -80,6 +84,9 @@ class TrainConfig(NeighborRetrConfig):
     save_every: int = 0                    # steps between checkpoints (0: each epoch only)
     resume: str | None = None              # checkpoint file or run folder (its last.pt)
     log_every: int = 10
+    report_to: str = "tensorboard"         # comma list of tensorboard, wandb (or "none")
+    wandb_project: str = "nbretr"
+    wandb_mode: str | None = None          # online | offline (default: offline without a WANDB_API_KEY)
     eval_k: int = 10                       # k of the hubness report
     do_eval: bool = True
     eval_every: int | None = None          # steps between evaluations during training (0: at the end only)
@@ -159,7 +166,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("randaugment", "none"), "clip_weights": ("auto", "fp16", "fp32"),
     "sampler": ("reference", "nbretr"), "decay_exempt": ("bias", "1d"),
     "eval_protocol": ("best-of-test", "held-out"), "v2t_ranking": ("best-caption", "per-caption"),
+    "decoder": ("auto", "torchcodec", "decord", "pyav"), "wandb_mode": ("online", "offline"),
 }
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def report_targets(text: str | None) -> list[str]:
+    """``--report-to``: "tensorboard,wandb" -> ["tensorboard", "wandb"]; "none" or "" -> []."""
+    items = [t.strip().lower() for t in str(text or "").split(",") if t.strip()]
+    if items == ["none"]:
+        return []
+    bad = [t for t in items if t not in REPORT_TO]
+    if bad:
+        raise ValueError(f"--report-to: unknown {', '.join(bad)}; a comma list of {', '.join(REPORT_TO)}, or none")
+    return list(dict.fromkeys(items))
 
 
 def dataset_key(name: str) -> str:
@@ -235,9 +255,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 # Options that may differ when a run is resumed: where and how it executes, not what it
 # computes. Any other option given again with --resume must equal the run's own value.
+# grad_checkpointing recomputes the same activations (same gradients, less memory) and the
+# decoder options choose how the same frames are read, so both may change; freeze_clip_layers
+# changes which parameters train (and the optimiser's groups), so it may not.
 RESUME_MUTABLE = frozenset({
     "resume", "output_dir", "data_root", "num_workers", "device", "backend", "log_every",
-    "save_every", "max_steps", "do_eval", "eval_k", "batch_size_val",
+    "save_every", "max_steps", "do_eval", "eval_k", "batch_size_val", "grad_checkpointing",
+    "decoder", "decode_device", "report_to", "wandb_project", "wandb_mode",
 })
 
 
@@ -319,6 +343,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.mb_batch >= 0, "--mb-batch must be >= 0"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}"),
         (cfg.backend in ("auto", "ext", "torch"), f"--backend must be auto, ext or torch, got {cfg.backend!r}"),
+        (cfg.freeze_clip_layers >= -1, f"--freeze-clip-layers must be -1 (none) or >= 0, got {cfg.freeze_clip_layers}"),
         (cfg.eval_every is None or cfg.eval_every >= 0, f"--eval-every must be >= 0, got {cfg.eval_every}"),
         (cfg.clip == "tiny" or cfg.clip_path is not None,
          f"--clip {cfg.clip} needs --clip-path (a local HF CLIP folder or OpenAI .pt archive; nothing is downloaded)"),
@@ -335,6 +360,10 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+    report_targets(cfg.report_to)
+    if cfg.decoder != "auto" or cfg.decode_device != "cpu":  # asked for, and cannot work here: say so now
+        from nbretr.data.decoding import resolve_decoder
+        resolve_decoder(cfg.decoder, cfg.decode_device)
     if cfg.backend == "ext":
         from nbretr import _ext
         if not _ext.ext_loaded():

@@ -90,12 +90,13 @@ def encode_videos(model, dataset, video_indices: Sequence[int] | None, device, b
                   num_workers: int = 0):
     """Prepared video tokens (normalised tokens, mask, weights) of the videos
     ``video_indices`` of ``dataset`` (all when None), each decoded once."""
-    from nbretr.data import collate
+    from nbretr.data import collate, loader_context
     from tqdm import tqdm
     view = dataset.video_view()
     if video_indices is not None:
         view = torch.utils.data.Subset(view, list(video_indices))
-    loader = torch.utils.data.DataLoader(view, batch_size=batch, num_workers=num_workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(view, batch_size=batch, num_workers=num_workers, collate_fn=collate,
+                                         multiprocessing_context=loader_context(dataset, num_workers))
     vs, ms, ws = [], [], []
     for b in tqdm(loader, desc="encode videos", unit="batch", leave=False, disable=len(loader) < 2):
         v, m = model.encode_video(b["video"].to(device), b["video_mask"].to(device))
@@ -566,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default=None, choices=("auto", "ext", "torch"),
                    help="nbretr.ops backend (default: $NBRETR_BACKEND or auto)")
+    p.add_argument("--decoder", default=None, choices=("auto", "torchcodec", "decord", "pyav"),
+                   help="video decoder (default: the run's; auto takes the fastest installed)")
+    p.add_argument("--decode-device", default=None,
+                   help="cpu, or cuda for torchcodec's GPU decoding (default: the run's)")
     p.add_argument("--v2t-ranking", default=None, choices=V2T_RANKINGS,
                    help="video->text on multi-caption sets (default: the run's, best-caption under the "
                         "reference recipe)")
@@ -590,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.backend = backend
     if args.v2t_ranking:
         cfg.v2t_ranking = args.v2t_ranking
+    if args.decoder:
+        cfg.decoder = args.decoder
+    if args.decode_device:
+        cfg.decode_device = args.decode_device
+    if cfg.decoder != "auto" or cfg.decode_device != "cpu":  # asked for, and cannot work here: say so now
+        from nbretr.data.decoding import resolve_decoder
+        resolve_decoder(cfg.decoder, cfg.decode_device)
     if args.dataset:
         cfg.dataset = args.dataset
     if args.data_root:

@@ -78,13 +78,10 @@ class Trainer:
         self.last_checkpoint: tuple[Path, int] | None = None
         self._stop_requested = False
         self._setup_evaluation()
-        self.writer = None
-        if dist_.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        from nbretr.config import report_targets
+        from nbretr.tracking import Trackers
+        self.trackers = Trackers(report_targets(cfg.report_to), run_dir, cfg.to_dict(), is_main=dist_.is_main,
+                                 project=cfg.wandb_project, mode=cfg.wandb_mode, resuming=bool(cfg.resume))
 
     # checkpoints ---------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -170,6 +167,8 @@ class Trainer:
                                       "config": self.cfg.to_dict(), "val_rsum": score},
                                      self.run_dir / "checkpoints" / "best.pt")
         if self.dist.is_main:
+            from nbretr.tracking import flat_metrics
+            self.trackers.log(flat_metrics(m, "eval"), self.global_step)
             with open(self.run_dir / "eval_history.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             log.info("step %d, %s split: t2v R@1 %.1f Rsum %.1f, v2t R@1 %.1f Rsum %.1f", self.global_step,
@@ -266,8 +265,7 @@ class Trainer:
             pbar.close()
             if jsonl:
                 jsonl.close()
-            if self.writer:
-                self.writer.flush()
+            self.trackers.flush()
 
     # Ctrl-C ----------------------------------------------------------------------------
     def _catch_sigint(self):
@@ -329,10 +327,9 @@ class Trainer:
                    "time": round(elapsed, 3)}
             jsonl.write(json.dumps(rec) + "\n")
             jsonl.flush()
-        if self.writer is not None and (self.global_step % self.cfg.log_every == 0 or self.global_step == 1):
-            for k, v in parts.items():
-                self.writer.add_scalar(f"train/{k}", v, self.global_step)
-            self.writer.add_scalar("train/lr", self.sched.get_last_lr()[0], self.global_step)
+        if self.global_step % self.cfg.log_every == 0 or self.global_step == 1:
+            self.trackers.log({**{f"train/{k}": v for k, v in parts.items()}, "train/lr": self.sched.get_last_lr()[0]},
+                              self.global_step)
 
     def report_bad_data(self) -> None:
         from nbretr.data import log_bad_summary
@@ -355,7 +352,7 @@ class RunFolder:
     fails before training starts leaves nothing behind (the folder itself when it made it,
     else the files it wrote)."""
 
-    WRITES = ("config.yaml", "build_info.json", "tokenizer.json", "tb")
+    WRITES = ("config.yaml", "build_info.json", "tokenizer.json", "tb", "wandb", "wandb_id.txt")
 
     def __init__(self, path: Path, *, resuming: bool, is_main: bool):
         self.path, self.is_main = path, is_main
@@ -538,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.do_eval and trainer.test_ds is not None:
                 metrics = trainer.final_evaluation()
                 if dist_.is_main:
+                    from nbretr.tracking import flat_metrics
+                    trainer.trackers.summary(flat_metrics(metrics, "test"), trainer.global_step)
                     print(evaluation.format_report(metrics))
                     metrics_path = write_json(run_dir / "metrics.json", metrics)
             if dist_.is_main:
@@ -548,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             raise Interrupted(trainer.interrupt_message()) from None
         raise Interrupted(interrupt_message(run.path if run else None, None)) from None
     finally:
+        if trainer is not None:
+            trainer.trackers.close()
         if run is not None:
             run.release()
         cleanup_distributed()

@@ -36,14 +36,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nbretr.data' has no attribute {name!r}")
 
 
+def loader_context(dataset, num_workers: int):
+    """The DataLoader ``multiprocessing_context`` for ``dataset``: "spawn" when its videos are
+    decoded on CUDA by worker processes (a forked child cannot use CUDA), else None (the
+    default)."""
+    base = dataset
+    while hasattr(base, "dataset") and not hasattr(base, "decode_device"):
+        base = base.dataset  # Subset, views
+    dev = str(getattr(base, "decode_device", "cpu"))
+    return "spawn" if num_workers > 0 and dev.startswith("cuda") else None
+
+
 def build_dataset(name: str, root: str | os.PathLike | None, split: str, tokenizer, *, max_words: int = 24,
                   max_frames: int = 12, video_framerate: float = 1.0, image_size: int = 224, strict: bool = False,
                   **kw) -> Dataset:
     """The ``split`` ("train"|"val"|"test") of dataset ``name`` (one of :data:`DATASETS`)
     read from ``root``. Items are dicts (see :class:`VideoTextDataset`). Extra options:
     ``augment`` (random resized crop + flip, off by default), ``flip_p``, ``backend``
-    ("auto"|"decord"|"pyav"), ``video_dir`` (the video folder, absolute or under root;
-    searched recursively); missing videos: ``allow_missing``, ``max_missing`` (0.01),
+    ("auto"|"torchcodec"|"decord"|"pyav"), ``decode_device`` ("cpu"|"cuda"; torchcodec),
+    ``video_dir`` (the video folder, absolute or under root; searched recursively); missing videos: ``allow_missing``, ``max_missing`` (0.01),
     ``keep_missing`` (default: test/val keep, train drops), ``missing_list`` (file for their
     ids); ``repeated_ids`` ("once"|"repeat"); per layout: msrvtt ``train_list`` ("9k"|"7k"),
     didemo ``didemo_window`` ((0, 31) | None), coco ``test_size`` ("5k"|"1k"), coco/flickr30k
@@ -84,5 +95,5 @@ def collate(batch: list[dict]) -> dict:
 
 __all__ = ["build_dataset", "collate", "DATASETS", "VideoTextDataset", "VideoRecord", "AnnotationError",
            "MissingVideosError",
-           "VideoDecodeError", "decode_frames", "sample_indices", "Preprocess", "log_bad_summary",
+           "VideoDecodeError", "decode_frames", "loader_context", "sample_indices", "Preprocess", "log_bad_summary",
            "SyntheticDataset", "MSRVTT", "MSVD", "DiDeMo", "ActivityNet", "COCO", "Flickr30K"]

@@ -75,7 +75,7 @@ class VideoTextDataset(Dataset):
                  strict: bool = False, augment: bool = False, flip_p: float = 0.5,
                  backend: str = "auto", allow_missing: bool = False, max_missing: float = 0.01,
                  keep_missing: bool | None = None, missing_list: str | os.PathLike | None = None,
-                 frame_sampling: str = "uniform",
+                 frame_sampling: str = "uniform", decode_device: str = "cpu",
                  clip_augment: Callable[[np.ndarray], np.ndarray] | None = None, **kw):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -87,7 +87,11 @@ class VideoTextDataset(Dataset):
         self.video_framerate = float(video_framerate)
         self.image_size = int(image_size)
         self.strict = bool(strict)
+        if backend != "auto" or str(decode_device) != "cpu":  # a decoder asked for that cannot work: say so now
+            from nbretr.data.decoding import resolve_decoder
+            resolve_decoder(backend, decode_device)
         self.backend = backend
+        self.decode_device = str(decode_device)
         if frame_sampling not in SAMPLING_RULES:
             raise ValueError(f"frame_sampling must be one of {SAMPLING_RULES}, got {frame_sampling!r}")
         self.frame_sampling = frame_sampling
@@ -242,7 +246,8 @@ class VideoTextDataset(Dataset):
             return torch.zeros(self.max_frames, 3, s, s), torch.zeros(self.max_frames, dtype=torch.long), True
         try:
             frames = decode_frames(rec.path, self.max_frames, self.video_framerate, rec.start, rec.end,
-                                   backend=self.backend, sampling=self.frame_sampling)
+                                   backend=self.backend, sampling=self.frame_sampling,
+                                   device=self.decode_device)
         except VideoDecodeError as err:
             if self.strict:
                 raise VideoDecodeError(err.path, err.reason,

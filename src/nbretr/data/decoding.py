@@ -13,8 +13,13 @@ Two sampling rules (``sampling=``):
 Only the sampled frames are decoded (decord ``get_batch`` on their indices), so a worker
 never holds more than one clip's sampled frames.
 
-Backends: decord (preferred) and PyAV (used when decord is not installed, or for a file
-decord cannot open). The choice is made automatically and logged once per process.
+Backends (``backend=``, ``--decoder`` on the command line): torchcodec, decord and PyAV.
+``"auto"`` takes the first installed of :data:`AUTO_ORDER` (the order measured by
+``bench/data.py``, fastest first; docs/benchmarks.md) and falls back to PyAV for a file the
+chosen decoder cannot open. The choice is logged once per process. Every backend decodes the
+same frame indices (:func:`sample_indices` on the stream's frame count and header frame
+rate). torchcodec can decode on a CUDA device (``device="cuda"``, NVDEC); the other two
+decode on the CPU only.
 Every decoding failure surfaces as :class:`VideoDecodeError` with the file and a short
 reason, never as a raw decoder trace. The decoders' own messages (FFmpeg's ``moov atom not
 found``, decord's ``ERROR opening``), which they write straight to the process's stderr,
@@ -27,6 +32,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -156,9 +162,129 @@ def _have_av() -> bool:
     return True
 
 
+# FFmpeg's shared libraries that torchcodec loads from the system, with the major versions
+# (FFmpeg 4 to 8) it has builds for; Debian 12 ships FFmpeg 5.1 (the *59/57/6/8 packages).
+FFMPEG_LIBRARIES = {
+    "libavutil": (56, 57, 58, 59, 60), "libavcodec": (58, 59, 60, 61, 62),
+    "libavformat": (58, 59, 60, 61, 62), "libavdevice": (58, 59, 60, 61, 62),
+    "libavfilter": (7, 8, 9, 10, 11), "libswscale": (5, 6, 7, 8, 9), "libswresample": (3, 4, 5, 6),
+}
+FFMPEG_APT = ("apt-get install -y libavcodec59 libavformat59 libavutil57 libswscale6 libavdevice59 "
+              "libavfilter8")
+
+
+def missing_ffmpeg_libraries(load=None) -> list[str]:
+    """The FFmpeg libraries (``libavcodec``, ...) of which no version torchcodec supports
+    can be loaded here. ``load`` (tests) replaces :class:`ctypes.CDLL`."""
+    import ctypes
+    load = load or ctypes.CDLL
+    missing = []
+    for name, majors in FFMPEG_LIBRARIES.items():
+        for major in majors:
+            try:
+                load(f"{name}.so.{major}")
+                break
+            except OSError:
+                continue
+        else:
+            missing.append(name)
+    return missing
+
+
+class DecoderUnavailable(ValueError):
+    """A decoder (or decoding device) that was asked for and cannot be used here; the
+    message says why and what to install or which option to change."""
+
+
+_torchcodec_state: dict[str, object] = {}
+
+
+def torchcodec_status() -> tuple[bool, str]:
+    """``(usable, why not)`` for torchcodec: the package imports and its FFmpeg libraries
+    load. The reason names the missing FFmpeg libraries and the command that installs them."""
+    if "ok" not in _torchcodec_state:
+        ok, why = True, ""
+        try:
+            import torchcodec  # noqa: F401
+        except ImportError:
+            ok, why = False, "torchcodec is not installed (pip install torchcodec, or 'nbretr[data]')"
+        if ok:
+            try:
+                with quiet_stderr():
+                    from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads FFmpeg)
+            except Exception as err:  # noqa: BLE001  (RuntimeError/OSError from the library loader)
+                missing = missing_ffmpeg_libraries()
+                ok = False
+                if missing:
+                    why = (f"torchcodec cannot load FFmpeg's shared libraries: {', '.join(missing)} "
+                           f"not found (FFmpeg 4 to 8; on Debian 12: {FFMPEG_APT})")
+                else:
+                    why = f"torchcodec could not be loaded: {str(err).strip().splitlines()[0][:300]}"
+        _torchcodec_state.update(ok=ok, why=why)
+    return bool(_torchcodec_state["ok"]), str(_torchcodec_state["why"])
+
+
+def _have_torchcodec() -> bool:
+    return torchcodec_status()[0]
+
+
+DECODERS = ("torchcodec", "decord", "pyav")
+# The order "auto" tries, fastest first on the MSR-VTT-like clips of bench/data.py, raw and
+# re-encoded by nbretr.prepare (docs/benchmarks.md): decord, then PyAV, then torchcodec
+# (torchcodec was the fastest only on the embedded set's 32x32 clips).
+AUTO_ORDER = ("decord", "pyav", "torchcodec")
+_HAVE = {"torchcodec": _have_torchcodec, "decord": lambda: _have_decord(), "pyav": lambda: _have_av()}
+
+
 def available_backends() -> list[str]:
-    """The installed decoding backends, preferred first."""
-    return [b for b, ok in (("decord", _have_decord()), ("pyav", _have_av())) if ok]
+    """The installed (and loadable) decoding backends, in the order ``"auto"`` tries them."""
+    return [b for b in AUTO_ORDER if _HAVE[b]()]
+
+
+def why_unavailable(backend: str) -> str:
+    """Why ``backend`` cannot decode here ("" when it can)."""
+    if backend == "torchcodec":
+        return torchcodec_status()[1]
+    if backend == "decord":
+        return "" if _have_decord() else "decord is not installed (pip install decord, or 'nbretr[data]')"
+    if backend == "pyav":
+        return "" if _have_av() else "PyAV is not installed (pip install av, or 'nbretr[data]')"
+    raise ValueError(f"decoder must be one of auto, {', '.join(DECODERS)}, got {backend!r}")
+
+
+def resolve_decoder(backend: str = "auto", device: str = "cpu") -> str:
+    """The decoder that ``backend`` (``--decoder``) means here: itself, or for ``"auto"``
+    the first installed of :data:`AUTO_ORDER` (torchcodec alone with a CUDA ``device``).
+    Raises :class:`DecoderUnavailable` naming the option when the choice cannot work here,
+    and ``ValueError`` for an unknown name."""
+    if backend not in ("auto",) + DECODERS:
+        raise ValueError(f"--decoder must be one of auto, {', '.join(DECODERS)}, got {backend!r}")
+    dev = str(device or "cpu")
+    if dev not in ("cpu",) and not dev.startswith("cuda"):
+        raise ValueError(f"--decode-device must be cpu or cuda (or cuda:N), got {dev!r}")
+    if dev.startswith("cuda"):
+        if backend not in ("auto", "torchcodec"):
+            raise DecoderUnavailable(f"--decode-device {dev}: --decoder {backend} decodes on the CPU only; "
+                                     "CUDA decoding needs --decoder torchcodec (or auto), or use "
+                                     "--decode-device cpu")
+        if not torch.cuda.is_available():
+            raise DecoderUnavailable(f"--decode-device {dev}: CUDA is not available here (torch "
+                                     f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                                     "--decode-device cpu")
+        ok, why = torchcodec_status()
+        if not ok:
+            raise DecoderUnavailable(f"--decode-device {dev} needs torchcodec: {why}; or use --decode-device cpu")
+        return "torchcodec"
+    if backend != "auto":
+        why = why_unavailable(backend)
+        if why:
+            raise DecoderUnavailable(f"--decoder {backend}: {why}")
+        return backend
+    for b in AUTO_ORDER:  # the first that loads (torchcodec, last, is imported only when needed)
+        if _HAVE[b]():
+            return b
+    raise DecoderUnavailable("no video decoding backend: install decord, av or torchcodec "
+                             "(pip install 'nbretr[data]')")
 
 
 SAMPLING_RULES = ("first", "uniform")
@@ -263,6 +389,97 @@ def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, en
     return frames
 
 
+def probe_video(path: str | os.PathLike, backend: str = "auto") -> tuple[int, float]:
+    """``(frame count, frame rate)`` of a video's first video stream as ``backend`` sees
+    them, the two numbers :func:`sample_indices` turns into frame indices (torchcodec: the
+    packet scan's count and the header's average rate; decord: ``len`` and
+    ``get_avg_fps()``; PyAV: the stream's frame count and average rate). Raises
+    :class:`VideoDecodeError` when the file cannot be opened."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "missing", "no such file")
+    chosen = resolve_decoder(backend)
+    with quiet_stderr():
+        try:
+            if chosen == "torchcodec":
+                from torchcodec.decoders import VideoDecoder
+                return _torchcodec_counts(VideoDecoder(path, seek_mode="exact").metadata)[:2]
+            if chosen == "decord":
+                import decord
+                vr = decord.VideoReader(path, num_threads=1)
+                return len(vr), float(vr.get_avg_fps())
+            import av
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise VideoDecodeError(path, "no frames", "no video stream")
+                st = container.streams.video[0]
+                n = int(st.frames or 0) or sum(1 for _ in container.demux(st) if _.size)
+                return n, float(st.average_rate or st.guessed_rate or 0.0)
+        except VideoDecodeError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise VideoDecodeError(path, "undecodable", f"{chosen}: {str(err).strip()[:200]}") from None
+
+
+def _torchcodec_reason(err: BaseException, path: str) -> str:
+    """torchcodec's error without its C++ source location and the file name (the error
+    names the file already): "Could not open input file: Invalid data found when processing
+    input"."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\w+, \S+\.(?:cpp|h):\d+, ", "", text)
+    text = text.replace(f": {path} ", ": ").replace(path, "").strip()
+    return text[:200]
+
+
+def _torchcodec_counts(md) -> tuple[int, float, int | None]:
+    """``(frame count, frame rate, frames present)`` from torchcodec's stream metadata, as
+    decord counts them: the header's frame count when it has one (else the packet scan's),
+    the header's average rate (decord's ``get_avg_fps()``; the "first" rule truncates it),
+    and the packet scan's count (frames past it are missing: a truncated file)."""
+    held = md.num_frames_from_content
+    n = int(md.num_frames_from_header or held or md.num_frames or 0)
+    fps = float(md.average_fps_from_header or md.average_fps or 0.0)
+    return n, fps, (int(held) if held is not None else None)
+
+
+def _decode_torchcodec(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform",
+                       device: str = "cpu") -> np.ndarray:
+    failure = None
+    with quiet_stderr() as caught:
+        try:
+            return _decode_torchcodec_inner(path, max_frames, framerate, start, end, sampling, device)
+        except VideoDecodeError as err:
+            failure = err
+    said = _decoder_said(caught)
+    if said and said not in failure.detail:
+        failure = VideoDecodeError(failure.path, failure.reason, f"{failure.detail} ({said})")
+    raise failure
+
+
+def _decode_torchcodec_inner(path: str, max_frames: int, framerate: float, start, end,
+                             sampling: str = "uniform", device: str = "cpu") -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder
+    try:
+        # exact seek mode: the frame count comes from a scan of the packets, as decord's index
+        dec = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=1, device=device, seek_mode="exact")
+        n, fps, held = _torchcodec_counts(dec.metadata)
+    except Exception as err:  # noqa: BLE001  (RuntimeError/ValueError with FFmpeg's message)
+        raise VideoDecodeError(path, "undecodable", f"torchcodec: {_torchcodec_reason(err, path)}") from None
+    idx = sample_indices(n, fps, max_frames, framerate, start, end, sampling)
+    if len(idx) == 0:
+        raise VideoDecodeError(path, "no frames", "the container holds no video frames")
+    if held is not None and int(idx[-1]) >= held:  # decord fails on these frames too
+        raise VideoDecodeError(path, "undecodable", f"torchcodec: truncated, the header lists {n} frames but "
+                                                    f"the file holds {held}")
+    try:
+        frames = dec.get_frames_at(idx.tolist()).data
+    except Exception as err:  # noqa: BLE001
+        raise VideoDecodeError(path, "undecodable", f"torchcodec: {_torchcodec_reason(err, path)}") from None
+    finally:
+        del dec
+    return frames.cpu().numpy()
+
+
 def _decode_pyav(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform") -> np.ndarray:
     with quiet_stderr():
         return _decode_pyav_inner(path, max_frames, framerate, start, end, sampling)
@@ -323,12 +540,15 @@ def _load_image(path: str) -> np.ndarray:
 
 def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: float = 1.0,
                   start: float | None = None, end: float | None = None,
-                  backend: str = "auto", sampling: str = "uniform") -> np.ndarray:
+                  backend: str = "auto", sampling: str = "uniform", device: str = "cpu") -> np.ndarray:
     """Decode the sampled frames of one video (or one image, as a one-frame video).
 
-    Returns uint8 ``[n, H, W, 3]`` RGB with ``1 <= n <= max_frames``. Raises
+    Returns uint8 ``[n, H, W, 3]`` RGB (on the CPU) with ``1 <= n <= max_frames``. Raises
     :class:`VideoDecodeError` for a missing, empty, truncated or undecodable file.
-    ``backend``: "auto" (decord, then PyAV for files decord cannot open), "decord", "pyav".
+    ``backend``: "auto" (the first installed of :data:`AUTO_ORDER`, then PyAV for files it
+    cannot open), "torchcodec", "decord", "pyav"; a backend that cannot work here raises
+    :class:`DecoderUnavailable`. ``device``: "cpu", or "cuda"/"cuda:N" to decode with
+    torchcodec on the GPU (unverified on a GPU: docs/data.md).
     ``sampling``: "first" or "uniform" (see :func:`sample_indices`).
     """
     path = str(path)
@@ -338,30 +558,28 @@ def decode_frames(path: str | os.PathLike, max_frames: int = 12, framerate: floa
         raise VideoDecodeError(path, "empty", "the file has 0 bytes")
     if path.lower().endswith(IMAGE_EXTENSIONS):
         return _load_image(path)
-    if backend not in ("auto", "decord", "pyav"):
-        raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
-    if backend == "decord" or (backend == "auto" and _have_decord()):
-        if backend == "auto":
-            # the usual case: debug level (every DataLoader worker is a new process)
-            _report_once("decord", "nbretr.data: decoding videos with decord", level=logging.DEBUG)
-        try:
-            return _decode_decord(path, max_frames, framerate, start, end, sampling)
-        except VideoDecodeError as err:
-            if backend == "decord" or not _have_av():
-                raise
-            try:
-                frames = _decode_pyav(path, max_frames, framerate, start, end, sampling)
-            except VideoDecodeError as err2:  # bad for both: one error (the caller warns once)
-                raise VideoDecodeError(path, err2.reason, f"{err.detail}; {err2.detail}") from None
-            # said once per process, and only when it helps (PyAV read what decord could not)
-            _report_once("fallback", "nbretr.data: decord could not open %s (%s); PyAV could, and is tried "
-                         "for such files", path, err.detail)
-            return frames
-    if not _have_av():
-        raise RuntimeError("no video decoding backend: install decord or av (pip install 'nbretr[data]')")
+    chosen = resolve_decoder(backend, device)
     if backend == "auto":
-        _report_once("pyav", "nbretr.data: decord is not installed; decoding videos with PyAV")
-    return _decode_pyav(path, max_frames, framerate, start, end, sampling)
+        if chosen == AUTO_ORDER[0]:  # the usual case: debug level (every DataLoader worker is a new process)
+            _report_once("decoder:" + chosen, "nbretr.data: decoding videos with %s", chosen, level=logging.DEBUG)
+        else:
+            _report_once("decoder:" + chosen, "nbretr.data: %s; decoding videos with %s",
+                         "; ".join(why_unavailable(b) for b in AUTO_ORDER[:AUTO_ORDER.index(chosen)]), chosen)
+    kw = {"device": str(device)} if chosen == "torchcodec" else {}
+    decode = globals()["_decode_" + chosen]  # looked up here, so that tests can replace one
+    try:
+        return decode(path, max_frames, framerate, start, end, sampling, **kw)
+    except VideoDecodeError as err:
+        if backend != "auto" or chosen == "pyav" or not _have_av():
+            raise
+        try:
+            frames = _decode_pyav(path, max_frames, framerate, start, end, sampling)
+        except VideoDecodeError as err2:  # bad for both: one error (the caller warns once)
+            raise VideoDecodeError(path, err2.reason, f"{err.detail}; {err2.detail}") from None
+        # said once per process, and only when it helps (PyAV read what the first could not)
+        _report_once("fallback", "nbretr.data: %s could not open %s (%s); PyAV could, and is tried "
+                     "for such files", chosen, path, err.detail)
+        return frames
 
 
 @dataclass

@@ -317,3 +317,43 @@ def freeze_patch_embedding(clip: nn.Module) -> None:
     """Freeze the vision tower's patch-embedding convolution (the released code sets its
     ``requires_grad`` to False)."""
     clip.vision_model.embeddings.patch_embedding.requires_grad_(False)
+
+
+# --- memory options: gradient checkpointing, frozen layers -------------------------------------
+def set_grad_checkpointing(clip: nn.Module, enabled: bool = True) -> None:
+    """Recompute each transformer block of both towers in the backward pass (transformers'
+    gradient checkpointing, non-reentrant: the same gradients, also with frozen embeddings)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(clip, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        if enabled:
+            clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            clip.activation_checkpointing_disable()
+    elif enabled:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        clip.gradient_checkpointing_disable()
+
+
+def freeze_clip_layers(clip: nn.Module, n: int) -> list[str]:
+    """Freeze CLIP's embeddings and the first ``n`` transformer blocks of both towers (as
+    CLIP4Clip's ``--freeze_layer_num``: ``n = 0`` freezes the embeddings alone): the text
+    token and position embeddings, the vision patch, class and position embeddings and the
+    pre-LayerNorm, and blocks ``0 .. n-1`` of each encoder. The final LayerNorms, the two
+    projections and the logit scale stay trainable. ``n < 0`` freezes nothing. Returns the
+    names of the parameters frozen."""
+    if n < 0:
+        return []
+    towers = (clip.text_model, clip.vision_model)
+    for tower in towers:
+        layers = len(tower.encoder.layers)
+        if n > layers:
+            raise ValueError(f"--freeze-clip-layers {n}: the CLIP towers have {layers} blocks")
+    frozen = []
+    prefixes = ("text_model.embeddings.", "vision_model.embeddings.", "vision_model.pre_layrnorm.")
+    blocks = tuple(f"{t}.encoder.layers.{i}." for t in ("text_model", "vision_model") for i in range(n))
+    for name, p in clip.named_parameters():
+        if name.startswith(prefixes) or name.startswith(blocks):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen

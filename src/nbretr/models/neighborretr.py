@@ -86,6 +86,9 @@ class NeighborRetrConfig:
     clip_layers: int = 2
     clip_heads: int = 2
     patch_size: int = 16
+    # memory: recompute the CLIP towers' and the temporal transformer's block activations in
+    # the backward pass instead of keeping them (same gradients, less memory, more time)
+    grad_checkpointing: bool = False
     # runtime
     backend: ops.Backend | None = None     # nbretr.ops backend for every op call (None = default)
     gather_reduce_grads: bool = False      # see nbretr.models.distributed
@@ -146,6 +149,17 @@ class NeighborRetr(nn.Module):
             kw = dict(k=config.cluster_k, heads=config.cluster_heads, mlp=config.cluster_mlp)
             self.text_cluster = GlobalTokenizer(dim, config.text_cluster_ratio, **kw)
             self.video_cluster = GlobalTokenizer(dim, config.video_cluster_ratio, **kw)
+        if config.grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the blocks of both CLIP towers and of the temporal transformer during
+        the backward pass instead of storing their activations (``torch.utils.checkpoint``,
+        non-reentrant, so frozen inputs are fine): the same gradients for less memory and
+        about one more forward pass of those blocks. Active in training mode only."""
+        clip_mod.set_grad_checkpointing(self.clip, enabled)
+        self.temporal.grad_checkpointing = bool(enabled)
+        self.config.grad_checkpointing = bool(enabled)
 
     # -- CLIP temperature ----------------------------------------------------------------------
     @property

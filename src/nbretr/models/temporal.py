@@ -32,6 +32,7 @@ class TemporalTransformer(nn.Module):
         self.frame_position_embeddings = nn.Embedding(max_positions or cfg.max_position_embeddings,
                                                       self.width)
         self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(layers)])
+        self.grad_checkpointing = False  # recompute each block in backward (training only)
         nn.init.normal_(self.frame_position_embeddings.weight, std=0.02)
 
     @torch.no_grad()
@@ -58,6 +59,11 @@ class TemporalTransformer(nn.Module):
         keep = frame_mask.to(torch.bool)
         bias = torch.zeros(B, 1, F, F, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~keep[:, None, None, :], -1e6 if x.dtype == torch.float32 else -1e4)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, bias)
+            if ckpt:
+                from torch.utils.checkpoint import checkpoint
+                x = checkpoint(layer, x, bias, use_reentrant=False)
+            else:
+                x = layer(x, bias)
         return x + frames
