@@ -74,6 +74,13 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
     embedded dataset's, or one built from the training captions), saved in the run folder
     so that evaluation reads the same vocabulary."""
     from nbretr.data import tokenizers
+    if cfg.init_model:  # the model folder's own tokenizer (kept in the run folder too)
+        from nbretr import pretrained
+        tok = pretrained.load_tokenizer(cfg.init_model)
+        saved = run_dir / "tokenizer.json" if run_dir else None
+        if saved is not None and not saved.exists() and not hasattr(tok, "hf"):
+            tok.save(saved)
+        return tok
     if cfg.clip != "tiny":
         return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
     saved = run_dir / "tokenizer.json" if run_dir else None
@@ -101,6 +108,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("trai
 def build_model(cfg: TrainConfig, vocab_size: int | None):
     """NeighborRetr on the tiny random CLIP (embedded default) or a local checkpoint."""
     from nbretr.models import NeighborRetr
+    if cfg.init_model:  # architecture and weights from the model folder, the rest from cfg
+        from nbretr import pretrained
+        return pretrained.model_for_run(cfg)
     overrides = dict(image_size=image_size(cfg), clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size

@@ -56,6 +56,7 @@ class TrainConfig(NeighborRetrConfig):
     freeze_patch_embed: bool | None = None # the released code freezes CLIP's patch-embedding conv
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives
+    init_model: str | None = None          # start from an exported model folder (python -m nbretr.export)
     # memory bank: batches encoded into the bank before training (the reference's mb_batch)
     mb_batch: int = 10
     # optimisation
