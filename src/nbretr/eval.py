@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**known_fields({k: v for k, v in meta.get("train_config", {}).items()
                                           if k not in ("clip", "clip_path", "tokenizer_path")},
                                          f"{path / pretrained.CONFIG} (train_config)"))
-        cfg.clip, cfg.clip_path, cfg.tokenizer_path = "tiny", None, None
+        cfg.clip, cfg.clip_path, cfg.tokenizer_path, cfg.init_model = "tiny", None, None, str(path)
         cfg = pretrained.init_model_config(cfg)
         run_dir = path
     else:

@@ -239,3 +239,28 @@ class Gallery:
     def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(tokens float32, mask, weight)`` of the items ``[start, stop)``."""
         return self.gather(torch.arange(start, stop))
+
+
+def create_index(out: str | os.PathLike, shards, *, model: dict | None = None, data: dict | None = None,
+                 paths=None) -> dict:
+    """Write an index of already computed features (benchmarks, tests): ``shards`` yields
+    dicts of ``global``, ``tokens``, ``mask``, ``weight`` tensors; ``paths(start, n)``
+    names items (default ``item-<n>``). ``out`` must not exist."""
+    import time
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=False)
+    manifest = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "model": model or {"dir": "", "fingerprint": "", "source": "generated features"},
+                "data": data or {}, "dtype": "", "video_dir": "", "shards": [], "skipped": [], "complete": False}
+    n = 0
+    for i, t in enumerate(shards):
+        count = int(t["global"].shape[0])
+        digest, size = write_safetensors(d / shard_name(i), {k: t[k] for k in FIELDS}, {"format": "pt"})
+        names = paths(n, count) if paths is not None else [f"item-{j}" for j in range(n, n + count)]
+        manifest["shards"].append({"file": shard_name(i), "count": count, "bytes": size, "sha256": digest,
+                                   "dim": int(t["global"].shape[1]), "frames": int(t["tokens"].shape[1]),
+                                   "paths": names})
+        n += count
+    manifest["complete"] = True
+    write_manifest(d, manifest)
+    return manifest

@@ -90,7 +90,7 @@ class Retriever:
 
     def __init__(self, index_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
                  device: str | torch.device = "cpu", depth: int = DEFAULT_DEPTH, first_stage: str = "auto",
-                 nprobe: int = 32, verify: bool = False):
+                 nprobe: int = 32, verify: bool = False, load_model: bool = True):
         from nbretr import pretrained
         from nbretr.index import check_model
         if first_stage not in FIRST_STAGES:
@@ -101,10 +101,11 @@ class Retriever:
             raise G.IndexError(f"index {self.dir} is incomplete (its build was interrupted): run the same "
                                "python -m nbretr.index command again to finish it")
         model_dir = Path(model) if model is not None else Path(manifest["model"]["dir"])
-        if not model_dir.exists():
-            raise FileNotFoundError(f"model folder {model_dir} (recorded in {self.dir / G.MANIFEST}) does not exist; "
-                                    "pass the model folder explicitly (--model)")
-        check_model(manifest, pretrained.fingerprint(model_dir), model_dir, self.dir)
+        if load_model:
+            if not model_dir.exists():
+                raise FileNotFoundError(f"model folder {model_dir} (recorded in {self.dir / G.MANIFEST}) does not "
+                                        "exist; pass the model folder explicitly (--model)")
+            check_model(manifest, pretrained.fingerprint(model_dir), model_dir, self.dir)
         self._dist, self.rank, self.world = _dist()
         n_shards = len(manifest["shards"])
         self.gallery = G.Gallery(self.dir, verify=verify,
@@ -112,7 +113,9 @@ class Retriever:
         if len(self.gallery) == 0:
             raise G.IndexError(f"index {self.dir} holds no videos")
         self.device = torch.device(device)
-        self.model, self.tokenizer, mcfg = pretrained.load_model(model_dir, device=self.device)
+        self.model = self.tokenizer = None
+        if load_model:  # load_model=False: rank query features given to rank_features (benchmarks)
+            self.model, self.tokenizer, _ = pretrained.load_model(model_dir, device=self.device)
         self.max_words = int(manifest["data"]["max_words"])
         self.depth = depth
         self._check_depth(depth)
@@ -225,6 +228,18 @@ class Retriever:
         for n, q in enumerate(qs):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"query {n + 1} is empty")
+        from nbretr.index import encode_texts
+        if self.model is None:
+            raise ValueError("this Retriever was opened with load_model=False: use rank_features")
+        q = encode_texts(self.model, self.tokenizer, qs, self.max_words, self.device)
+        out = self.rank_features(q, k, depth=depth, correction=correction)
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def rank_features(self, q: dict, k: int = 10, *, depth: int | None = None,
+                      correction: str = "none") -> list[list[Hit]]:
+        """The two stages for encoded queries ``q`` (``global [Q, D]``, ``tokens [Q, L, D]``
+        L2-normalised, ``mask``, ``weight``: :func:`nbretr.index.encode_texts`)."""
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
         if k < 1:
@@ -232,8 +247,7 @@ class Retriever:
         depth = self.depth if depth is None else depth
         self._check_depth(depth)
         n_g = len(self.gallery)
-        from nbretr.index import encode_texts
-        q = encode_texts(self.model, self.tokenizer, qs, self.max_words, self.device)
+        qs = range(q["tokens"].shape[0])
         if depth >= n_g:
             cand = torch.arange(n_g).expand(len(qs), n_g)
         else:
@@ -245,7 +259,8 @@ class Retriever:
             s = torch.empty(0)
             if len(mine):
                 v = tuple(x.to(self.device) for x in self.gallery.gather(mine))
-                s = ops.wti_similarity(q["tokens"][r:r + 1], q["mask"][r:r + 1], q["weight"][r:r + 1], *v)[0].cpu()
+                qt = tuple(q[f][r:r + 1].to(self.device) for f in ("tokens", "mask", "weight"))
+                s = ops.wti_similarity(*qt, *v)[0].cpu()
             if self._dist is not None:
                 parts = [None] * self.world
                 self._dist.all_gather_object(parts, (mine, s))
@@ -258,7 +273,7 @@ class Retriever:
             v, i = merge_topk(s[None], mine[None], min(k, len(mine)))
             out.append([Hit(j + 1, int(ix), float(sc), self.gallery_path(int(ix)))
                         for j, (sc, ix) in enumerate(zip(v[0].tolist(), i[0].tolist()))])
-        return out[0] if single else out
+        return out
 
     def gallery_path(self, index: int) -> str:
         m = self.manifest
