@@ -116,7 +116,7 @@ class Retriever:
         self.model = self.tokenizer = None
         if load_model:  # load_model=False: rank query features given to rank_features (benchmarks)
             self.model, self.tokenizer, _ = pretrained.load_model(model_dir, device=self.device)
-        self.max_words = int(manifest["data"]["max_words"])
+        self.max_words = int(manifest["data"].get("max_words", 0))
         self.depth = depth
         self._check_depth(depth)
         self.first_stage = first_stage
