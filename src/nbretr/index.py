@@ -361,7 +361,7 @@ def build_faiss_ivf(gal: G.Gallery, nlist: int | None = None, train_size: int = 
     import faiss
     import numpy as np
     n, d = len(gal), gal.dim
-    nlist = nlist or max(16, min(4096, int(4 * n ** 0.5)))
+    nlist = nlist or max(16, min(1024, int(4 * n ** 0.5)))
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, max(train_size, 40 * nlist)), replace=False))
     parts = []

@@ -45,6 +45,10 @@ log = logging.getLogger("nbretr")
 CORRECTIONS = ("none", "qbnorm", "dsl")
 FIRST_STAGES = ("auto", "exact", "faiss")
 DEFAULT_DEPTH = 100
+# fewer queries than this at once: the first stage takes topk_centrality's torch path on the CPU,
+# which measured 3-10x faster than the CPU kernel for 1-8 queries x 65k items (the kernel's tiles
+# are sized for thousands of queries); from this many queries on, the backend default applies
+SMALL_BATCH = 64
 
 
 @dataclass
@@ -85,12 +89,15 @@ class Retriever:
     most ``nbretr.ops.TOPK_MAX_K`` unless it covers the whole gallery). ``first_stage``:
     "auto" (faiss IVF where the index has one, else exact), "exact" or "faiss".
     ``verify``: check every shard's SHA-256 on opening (reads the whole index).
+    ``backend``: the first stage's ``topk_centrality`` backend (None: the torch path for
+    fewer than :data:`SMALL_BATCH` queries on the CPU, else the default).
     Under ``torch.distributed`` each rank opens only its shards (``i % world == rank``);
     every rank must call :meth:`search` with the same queries."""
 
     def __init__(self, index_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
                  device: str | torch.device = "cpu", depth: int = DEFAULT_DEPTH, first_stage: str = "auto",
-                 nprobe: int = 32, verify: bool = False, load_model: bool = True):
+                 nprobe: int = 32, verify: bool = False, load_model: bool = True,
+                 backend: ops.Backend | None = None):
         from nbretr import pretrained
         from nbretr.index import check_model
         if first_stage not in FIRST_STAGES:
@@ -121,6 +128,7 @@ class Retriever:
         self._check_depth(depth)
         self.first_stage = first_stage
         self.nprobe = nprobe
+        self.backend = backend
         self._faiss = None
         if first_stage == "faiss" and not manifest.get("faiss"):
             raise ValueError(f"first_stage faiss: index {self.dir} has no faiss index (build it with "
@@ -171,10 +179,13 @@ class Retriever:
         best_v = torch.full((Q, 0), float("-inf"))
         best_i = torch.full((Q, 0), -1, dtype=torch.long)
         qg = q_global.float().to(self.device)
+        backend = self.backend
+        if backend is None and Q < SMALL_BATCH and self.device.type == "cpu":
+            backend = "torch"  # the CPU kernel is tuned for many queries (bench/search.py, docs/search.md)
         for _, off, t in self.gallery.iter_shards():
             g = t["global"].float().to(self.device)
             kk = min(depth, g.shape[0])
-            v, i, _, _ = ops.topk_centrality(qg, g, kk)
+            v, i, _, _ = ops.topk_centrality(qg, g, kk, backend=backend)
             best_v, best_i = merge_topk(torch.cat((best_v, v.cpu()), 1), torch.cat((best_i, i.cpu() + off), 1), depth)
         if self._dist is not None:
             parts = [None] * self.world
