@@ -24,7 +24,7 @@ log = logging.getLogger("nbretr")
 BUILD_HINT = (
     "build it against the installed torch with "
     "`pip install --no-build-isolation .` from the repository root (needs scikit-build-core, "
-    "pybind11, cmake, ninja; see README.md \"Building\")"
+    "pybind11, cmake, ninja; see docs/building.md)"
 )
 
 _state: dict[str, Any] = {"loaded": False, "module": None, "reason": "not attempted", "info": {},
