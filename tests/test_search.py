@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     os.environ["NBRETR_DATA"] = str(root / "data")
     from nbretr.train import main as train
     assert train(TRAIN + ["--output-dir", str(root / "run")]) == 0
-    model = pretrained.export_run(root / "run", root / "model")
+    from nbretr.export import export_run
+    model = export_run(root / "run", root / "model")
     data = root / "data" / "synthetic" / "default"
     m = json.loads((data / "manifest.json").read_text())
     test = [v for v in m["videos"] if v["split"] == "test"]
@@ -63,7 +64,8 @@ def _eval_ranks(model_dir):
     meta = pretrained.read_config(model_dir)
     cfg = TrainConfig(**known_fields(meta["train_config"], "t"))
     cfg.init_model = str(model_dir)
-    cfg = pretrained.init_model_config(cfg)
+    from nbretr.builders import init_model_config
+    cfg = init_model_config(cfg)
     model, tok, _ = pretrained.load_model(model_dir)
     ds = build_split(cfg, "test", tok)
     texts = E.encode_texts(model, ds, None, "cpu")

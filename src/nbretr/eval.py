@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                                           if k not in ("clip", "clip_path", "tokenizer_path")},
                                          f"{path / pretrained.CONFIG} (train_config)"))
         cfg.clip, cfg.clip_path, cfg.tokenizer_path, cfg.init_model = "tiny", None, None, str(path)
-        cfg = pretrained.init_model_config(cfg)
+        from nbretr.builders import init_model_config
+        cfg = init_model_config(cfg)
         run_dir = path
     else:
         path = Path(args.checkpoint)

@@ -11,7 +11,32 @@ The folder is read by ``NeighborRetr.from_pretrained(folder)``, ``python -m nbre
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+
+def export_run(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Export a training run (its folder or a checkpoint file) to a model folder."""
+    from nbretr import checkpoint as ckpt
+    from nbretr import pretrained
+    from nbretr.builders import build_model as build_run_model, build_tokenizer, image_size
+    from nbretr.config import TrainConfig, known_fields
+    p = Path(run)
+    f = p / "checkpoints" / "last.pt" if p.is_dir() else p
+    if p.is_dir() and not f.exists() and not f.with_name(ckpt.PREVIOUS_NAME).exists():
+        raise FileNotFoundError(f"export: {p} holds no checkpoints/last.pt: not a training run folder")
+    state, f = ckpt.load_with_fallback(f, required=("model", "config"))
+    cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {f}"))
+    run_dir = f.parent.parent
+    tok = build_tokenizer(cfg, run_dir)
+    model = build_run_model(cfg, getattr(tok, "vocab_size", None))
+    model.load_state_dict(state["model"])
+    data = {"max_words": cfg.max_words, "max_frames": cfg.max_frames, "video_framerate": cfg.video_framerate,
+            "frame_sampling": cfg.frame_sampling or "uniform", "image_size": image_size(cfg)}
+    tc = {k: v for k, v in state["config"].items()
+          if k not in ("output_dir", "resume", "init_model", "print_config", "max_steps")}
+    return pretrained.save_pretrained(model, tok, out_dir, data=data, train_config=tc, source=f"nbretr run checkpoint {f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.tokenizer is not None:
             p.error("--tokenizer is for --from-released; a run's own tokenizer is exported with it")
-        out = pretrained.export_run(args.source, args.out_dir)
+        out = export_run(args.source, args.out_dir)
     cfg = pretrained.read_config(out)
     print(f"model folder: {out.resolve()} (fingerprint {cfg['fingerprint'][:16]}, {cfg['source']})")
     return 0

@@ -221,28 +221,6 @@ def save_pretrained(model, tokenizer, out_dir: str | os.PathLike, *, data: Mappi
     return out
 
 
-def export_run(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Export a training run (its folder or a checkpoint file) to a model folder."""
-    from nbretr import checkpoint as ckpt
-    from nbretr.builders import build_model as build_run_model, build_tokenizer, image_size
-    from nbretr.config import TrainConfig, known_fields
-    p = Path(run)
-    f = p / "checkpoints" / "last.pt" if p.is_dir() else p
-    if p.is_dir() and not f.exists() and not f.with_name(ckpt.PREVIOUS_NAME).exists():
-        raise FileNotFoundError(f"export: {p} holds no checkpoints/last.pt: not a training run folder")
-    state, f = ckpt.load_with_fallback(f, required=("model", "config"))
-    cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {f}"))
-    run_dir = f.parent.parent
-    tok = build_tokenizer(cfg, run_dir)
-    model = build_run_model(cfg, getattr(tok, "vocab_size", None))
-    model.load_state_dict(state["model"])
-    data = {"max_words": cfg.max_words, "max_frames": cfg.max_frames, "video_framerate": cfg.video_framerate,
-            "frame_sampling": cfg.frame_sampling or "uniform", "image_size": image_size(cfg)}
-    tc = {k: v for k, v in state["config"].items()
-          if k not in ("output_dir", "resume", "init_model", "print_config", "max_steps")}
-    return save_pretrained(model, tok, out_dir, data=data, train_config=tc, source=f"nbretr run checkpoint {f}")
-
-
 # -- the released NeighborRetr code's checkpoints -------------------------------------------------
 # Its pytorch_model.bin is ``model.state_dict()`` of its NeighborRetr module: ``clip.*`` (OpenAI CLIP
 # names), ``text_weight_fc`` / ``video_weight_fc`` (the WTI token-weight MLPs; the ``*_fc0``,
@@ -379,56 +357,3 @@ def export_released(path: str | os.PathLike, out_dir: str | os.PathLike, tokeniz
           "max_frames": max_frames, "video_framerate": video_framerate, "frame_sampling": frame_sampling,
           "image_size": model.config.image_size, "cluster_mlp": False}
     return save_pretrained(model, tok, out_dir, data=data, train_config=tc, source=f"released NeighborRetr {path}")
-
-
-# -- training and evaluation from a model folder (--init-model) ---------------------------------
-
-def init_model_config(cfg, given: Mapping[str, Any] | None = None):
-    """``cfg`` (a TrainConfig) made to fit the model folder ``cfg.init_model``: the
-    architecture fields (:data:`ARCH_FIELDS`) and the input size come from the folder (one
-    given with another value is an error naming both); ``max_words``, ``max_frames``,
-    ``video_framerate`` and ``frame_sampling`` come from it unless given."""
-    given = dict(given or {})
-    d = Path(cfg.init_model)
-    if d.is_file():
-        raise ValueError(f"--init-model {d} is a file; it takes a model folder written by python -m nbretr.export "
-                         "(a released pytorch_model.bin: export it with --from-released first)")
-    mc = read_config(d)
-    if cfg.clip != "tiny" or cfg.clip_path or cfg.tokenizer_path:
-        raise ValueError(f"--init-model {d} brings its own CLIP tower and tokenizer; drop --clip, --clip-path "
-                         "and --tokenizer-path")
-    model, data = mc["model"], mc["data"]
-    conflicts = []
-    for name in ARCH_FIELDS:
-        want = data["image_size"] if name == "image_size" else model.get(name)
-        if name in given and given[name] is not None and given[name] != want:
-            conflicts.append(f"--{name.replace('_', '-')} {given[name]!r} (the model has {want!r})")
-        if hasattr(cfg, name) and name != "vocab_size":
-            setattr(cfg, name, want)
-    if conflicts:
-        raise ValueError(f"--init-model {d}: the model's architecture is fixed, but {'; '.join(conflicts)}")
-    for name in ("max_words", "max_frames", "video_framerate", "frame_sampling"):
-        if given.get(name) is None:
-            setattr(cfg, name, data[name])
-    cfg.init_model = str(d)
-    return cfg
-
-
-def model_for_run(cfg):
-    """The model of a run that starts from ``cfg.init_model``: the folder's architecture and
-    weights, every other model field (losses, backend, gradients) from ``cfg``."""
-    import dataclasses
-    from nbretr.models import NeighborRetrConfig
-    d = Path(cfg.init_model)
-    mc = read_config(d)
-    runtime = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(NeighborRetrConfig)
-               if f.name not in ARCH_FIELDS and f.name != "clip_path" and hasattr(cfg, f.name)}
-    from nbretr.config import RECIPE_FIELDS
-    defaults = NeighborRetrConfig()
-    for name, v in list(runtime.items()):
-        if v is None and name in RECIPE_FIELDS:
-            runtime[name] = getattr(defaults, name)
-    model = build_model(mc["model"], mc.get("clip_config"), **runtime)
-    _load_weights(model, d / WEIGHTS)
-    log.info("model initialised from %s (%s)", d, mc.get("source", ""))
-    return model
