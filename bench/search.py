@@ -11,6 +11,8 @@ Methods (each in a fresh process, so peak memory is its own):
 - ``nbretr``: ``Retriever(first_stage="exact")``, the shipped path: ``topk_centrality`` over
   the memory-mapped shards with a running top-100, then ``wti_similarity`` over the 100
   candidates read from the shards;
+- ``nbretr-mem``: the same with ``preload=True`` (global tokens held in memory, like the
+  baselines; the frame tokens stay mapped);
 - ``nbretr-ext``: the same with the first stage forced onto the CPU kernel
   (``backend="ext"``; ``nbretr`` takes the op's torch path for fewer than 64 queries);
 - ``nbretr-ivf``: the same with the first stage through the faiss IVF index that
@@ -132,7 +134,7 @@ def worker(method: str, path: Path, nq: int) -> dict:
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         first, total, cands = [], [], []
-        if method in ("nbretr", "nbretr-ivf", "nbretr-ext"):
+        if method in ("nbretr", "nbretr-ivf", "nbretr-ext", "nbretr-mem"):
             if method == "nbretr-ivf":
                 import faiss
 
@@ -147,7 +149,8 @@ def worker(method: str, path: Path, nq: int) -> dict:
                 res["build_s"] = time.perf_counter() - tb
                 del ivf
             r = Retriever(path, load_model=False, first_stage="faiss" if method == "nbretr-ivf" else "exact",
-                          depth=DEPTH, backend="ext" if method == "nbretr-ext" else None)
+                          depth=DEPTH, backend="ext" if method == "nbretr-ext" else None,
+                          preload=method == "nbretr-mem")
             res["setup_s"] = time.perf_counter() - t0
             for i in range(nq):
                 qi = {k: v[i:i + 1] for k, v in q.items()}
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--dir", default="bench/out/search", help="where the generated galleries go (reused)")
-    p.add_argument("--methods", nargs="+", default=["nbretr", "nbretr-ext", "nbretr-ivf", "torch", "faiss-flat"])
+    p.add_argument("--methods", nargs="+",
+                   default=["nbretr", "nbretr-mem", "nbretr-ext", "nbretr-ivf", "torch", "faiss-flat"])
     p.add_argument("--json", default="bench/out/search.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--index", default=None, help=argparse.SUPPRESS)

@@ -64,6 +64,8 @@ def test_running_topk_over_memory_mapped_shards_equals_one_topk(tmp_path):
     s = q["global"] @ f["global"].T
     for row in range(5):
         assert cand[row].tolist() == torch.argsort(s[row], descending=True, stable=True)[:20].tolist()
+    pre = Retriever(tmp_path / "idx", load_model=False, preload=True)       # global tokens held in memory
+    assert torch.equal(pre.first_stage_candidates(q["global"], 20), cand)
     # re-ranking: WTI over the candidates, ties by lower index
     from nbretr import ops
     hits = r.rank_features(q, k=8, depth=20)

@@ -90,14 +90,16 @@ class Retriever:
     "auto" (faiss IVF where the index has one, else exact), "exact" or "faiss".
     ``verify``: check every shard's SHA-256 on opening (reads the whole index).
     ``backend``: the first stage's ``topk_centrality`` backend (None: the torch path for
-    fewer than :data:`SMALL_BATCH` queries on the CPU, else the default).
+    fewer than :data:`SMALL_BATCH` queries on the CPU, else the default). ``preload``: keep
+    the global tokens in memory (``4·D`` bytes per video) instead of reading them from the
+    mapped shards at every query; the frame tokens stay on disk either way.
     Under ``torch.distributed`` each rank opens only its shards (``i % world == rank``);
     every rank must call :meth:`search` with the same queries."""
 
     def __init__(self, index_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
                  device: str | torch.device = "cpu", depth: int = DEFAULT_DEPTH, first_stage: str = "auto",
                  nprobe: int = 32, verify: bool = False, load_model: bool = True,
-                 backend: ops.Backend | None = None):
+                 backend: ops.Backend | None = None, preload: bool = False):
         from nbretr import pretrained
         from nbretr.index import check_model
         if first_stage not in FIRST_STAGES:
@@ -130,6 +132,9 @@ class Retriever:
         self.nprobe = nprobe
         self.backend = backend
         self._faiss = None
+        # preload: the owned shards' global tokens copied into memory once (D floats per video:
+        # 2 GiB for 1M videos at D=512), so the first stage reads no pages from disk
+        self._global = {i: t["global"].float().clone() for i, _, t in self.gallery.iter_shards()} if preload else {}
         if first_stage == "faiss" and not manifest.get("faiss"):
             raise ValueError(f"first_stage faiss: index {self.dir} has no faiss index (build it with "
                              "python -m nbretr.index ... --faiss yes)")
@@ -182,8 +187,8 @@ class Retriever:
         backend = self.backend
         if backend is None and Q < SMALL_BATCH and self.device.type == "cpu":
             backend = "torch"  # the CPU kernel is tuned for many queries (bench/search.py, docs/search.md)
-        for _, off, t in self.gallery.iter_shards():
-            g = t["global"].float().to(self.device)
+        for i, off, t in self.gallery.iter_shards():
+            g = self._global.get(i, t["global"]).float().to(self.device)
             kk = min(depth, g.shape[0])
             v, i, _, _ = ops.topk_centrality(qg, g, kk, backend=backend)
             best_v, best_i = merge_topk(torch.cat((best_v, v.cpu()), 1), torch.cat((best_i, i.cpu() + off), 1), depth)
@@ -319,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--model", default=None, help="the model folder (default: the one the index records)")
     p.add_argument("--verify", action="store_true", help="check every shard's SHA-256 first")
+    p.add_argument("--preload", action="store_true",
+                   help="hold the global tokens in memory (4*D bytes per video) for the first stage")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     queries = list(args.query)
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(int(os.environ.get("RANK", "0")), level=logging.WARNING)
     try:
         r = Retriever(args.index_dir, args.model, device=args.device, depth=args.depth,
-                      first_stage=args.first_stage, nprobe=args.nprobe, verify=args.verify)
+                      first_stage=args.first_stage, nprobe=args.nprobe, verify=args.verify, preload=args.preload)
         results = r.search(queries, args.k, correction=args.correction)
         if r.rank == 0:
             if args.json:
