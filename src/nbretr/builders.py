@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -76,6 +76,13 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
     embedded dataset's, or one built from the training captions), saved in the run folder
     so that evaluation reads the same vocabulary."""
     from nbretr.data import tokenizers
+    if cfg.init_model:  # the model folder's own tokenizer (kept in the run folder too)
+        from nbretr import pretrained
+        tok = pretrained.load_tokenizer(cfg.init_model)
+        saved = run_dir / "tokenizer.json" if run_dir else None
+        if saved is not None and not saved.exists() and not hasattr(tok, "hf"):
+            tok.save(saved)
+        return tok
     if cfg.clip != "tiny":
         return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
     saved = run_dir / "tokenizer.json" if run_dir else None
@@ -103,6 +110,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, splits: tuple[str, ...] = ("trai
 def build_model(cfg: TrainConfig, vocab_size: int | None):
     """NeighborRetr on the tiny random CLIP (embedded default) or a local checkpoint."""
     from nbretr.models import NeighborRetr
+    if cfg.init_model:  # architecture and weights from the model folder, the rest from cfg
+        return model_for_run(cfg)
     overrides = dict(image_size=image_size(cfg), clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
@@ -152,3 +161,60 @@ def drop_bad(batch: dict) -> dict:
         return batch
     keep = ~torch.as_tensor(bad, dtype=torch.bool)
     return {k: (v[keep] if torch.is_tensor(v) and v.shape[:1] == keep.shape else v) for k, v in batch.items()}
+
+
+# -- runs that start from an exported model folder (--init-model) ------------------------------
+
+
+def init_model_config(cfg, given: Mapping[str, Any] | None = None):
+    """``cfg`` (a TrainConfig) made to fit the model folder ``cfg.init_model``: the
+    architecture fields (:data:`ARCH_FIELDS`) and the input size come from the folder (one
+    given with another value is an error naming both); ``max_words``, ``max_frames``,
+    ``video_framerate`` and ``frame_sampling`` come from it unless given."""
+    from nbretr import pretrained
+    given = dict(given or {})
+    d = Path(cfg.init_model)
+    if d.is_file():
+        raise ValueError(f"--init-model {d} is a file; it takes a model folder written by python -m nbretr.export "
+                         "(a released pytorch_model.bin: export it with --from-released first)")
+    mc = pretrained.read_config(d)
+    if cfg.clip != "tiny" or cfg.clip_path or cfg.tokenizer_path:
+        raise ValueError(f"--init-model {d} brings its own CLIP tower and tokenizer; drop --clip, --clip-path "
+                         "and --tokenizer-path")
+    model, data = mc["model"], mc["data"]
+    conflicts = []
+    for name in pretrained.ARCH_FIELDS:
+        want = data["image_size"] if name == "image_size" else model.get(name)
+        if name in given and given[name] is not None and given[name] != want:
+            conflicts.append(f"--{name.replace('_', '-')} {given[name]!r} (the model has {want!r})")
+        if hasattr(cfg, name) and name != "vocab_size":
+            setattr(cfg, name, want)
+    if conflicts:
+        raise ValueError(f"--init-model {d}: the model's architecture is fixed, but {'; '.join(conflicts)}")
+    for name in ("max_words", "max_frames", "video_framerate", "frame_sampling"):
+        if given.get(name) is None:
+            setattr(cfg, name, data[name])
+    cfg.init_model = str(d)
+    return cfg
+
+
+def model_for_run(cfg):
+    """The model of a run that starts from ``cfg.init_model``: the folder's architecture and
+    weights, every other model field (losses, backend, gradients) from ``cfg``."""
+    import dataclasses
+
+    from nbretr import pretrained
+    from nbretr.config import RECIPE_FIELDS
+    from nbretr.models import NeighborRetrConfig
+    d = Path(cfg.init_model)
+    mc = pretrained.read_config(d)
+    runtime = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(NeighborRetrConfig)
+               if f.name not in pretrained.ARCH_FIELDS and f.name != "clip_path" and hasattr(cfg, f.name)}
+    defaults = NeighborRetrConfig()
+    for name, v in list(runtime.items()):
+        if v is None and name in RECIPE_FIELDS:
+            runtime[name] = getattr(defaults, name)
+    model = pretrained.build_model(mc["model"], mc.get("clip_config"), **runtime)
+    pretrained._load_weights(model, d / pretrained.WEIGHTS)
+    log.info("model initialised from %s (%s)", d, mc.get("source", ""))
+    return model

@@ -61,6 +61,7 @@ class TrainConfig(NeighborRetrConfig):
                                            # blocks of both towers (CLIP4Clip's --freeze_layer_num)
     clip: str = "tiny"                     # "tiny" (random, embedded default) or ViT-B/32, ViT-B/16
     tokenizer_path: str | None = None      # CLIP BPE vocabulary for OpenAI .pt archives
+    init_model: str | None = None          # start from an exported model folder (python -m nbretr.export)
     # memory bank: batches encoded into the bank before training (the reference's mb_batch)
     mb_batch: int = 10
     # optimisation

@@ -556,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     from nbretr.runtime import FolderLock
     from nbretr.builders import build_datasets, build_model, build_tokenizer
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder (its checkpoints/last.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint file or a run folder (its checkpoints/last.pt)")
+    src.add_argument("--init-model", default=None,
+                     help="an exported model folder (python -m nbretr.export) instead of a training checkpoint")
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-root", "--data_root", dest="data_root", default=None)
     p.add_argument("--corrections", default="", help=f"comma list of {', '.join(CORRECTIONS)}, or 'all'")
@@ -587,11 +590,25 @@ def main(argv: list[str] | None = None) -> int:
     if backend not in ("auto", "ext", "torch"):
         p.error(f"NBRETR_BACKEND={backend!r} is not a backend; use auto, ext or torch")
     params = _correction_params(p, args)
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    state, path = ckpt.load_with_fallback(path, required=("model", "config"))
-    cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {path}"))
+    if args.init_model:
+        from nbretr import pretrained
+        path = Path(args.init_model)
+        meta = pretrained.read_config(path)
+        state = None
+        cfg = TrainConfig(**known_fields({k: v for k, v in meta.get("train_config", {}).items()
+                                          if k not in ("clip", "clip_path", "tokenizer_path")},
+                                         f"{path / pretrained.CONFIG} (train_config)"))
+        cfg.clip, cfg.clip_path, cfg.tokenizer_path, cfg.init_model = "tiny", None, None, str(path)
+        from nbretr.builders import init_model_config
+        cfg = init_model_config(cfg)
+        run_dir = path
+    else:
+        path = Path(args.checkpoint)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        state, path = ckpt.load_with_fallback(path, required=("model", "config"))
+        cfg = TrainConfig(**known_fields(state["config"], f"checkpoint {path}"))
+        run_dir = path.parent.parent
     cfg.backend = backend
     if args.v2t_ranking:
         cfg.v2t_ranking = args.v2t_ranking
@@ -606,7 +623,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg.dataset = args.dataset
     if args.data_root:
         cfg.data_root = args.data_root
-    run_dir = path.parent.parent
     if args.print_config:
         import yaml
 
@@ -631,11 +647,12 @@ def main(argv: list[str] | None = None) -> int:
             tok = build_tokenizer(cfg, run_dir)
             data = build_datasets(cfg, tok, splits, out_dir=out_dir if dist_.is_main else None)
             model = build_model(cfg, getattr(tok, "vocab_size", None)).to(dist_.device)
-            model.load_state_dict(state["model"])
+            if state is not None:
+                model.load_state_dict(state["model"])
             metrics = evaluate(model, data["test"], cfg, dist_, k=args.k if args.k is not None else cfg.eval_k,
                                out_dir=out_dir, corrections=corr, bank_ds=data.get("train"), params=params,
                                hubness_ties=args.hubness_ties, tie_seed=args.tie_seed)
-            metrics["checkpoint"] = str(path)
+            metrics["init_model" if state is None else "checkpoint"] = str(path)
             if dist_.is_main:
                 print(format_report(metrics))
                 mpath = write_json(out_dir / "metrics.json", metrics)

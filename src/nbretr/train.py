@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--resume: no checkpoint at {resume_file}")
         resumed, resume_file = ckpt.load_with_fallback(resume_file, required=TRAINING_STATE_KEYS)
     cfg = resolve_config(args, resumed["config"] if resumed else None, str(args.resume or ""))
+    if cfg.init_model and resumed is None:  # fine-tuning an exported model (python -m nbretr.export)
+        from nbretr.builders import init_model_config
+        cfg = init_model_config(cfg, {k: v for k, v in vars(args).items() if v is not None})
     if cfg.print_config:
         print(to_yaml(cfg), end="")
         return 0

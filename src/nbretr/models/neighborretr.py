@@ -161,6 +161,15 @@ class NeighborRetr(nn.Module):
         self.temporal.grad_checkpointing = bool(enabled)
         self.config.grad_checkpointing = bool(enabled)
 
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", tokenizer_path=None, **overrides) -> "NeighborRetr":
+        """A model folder written by ``python -m nbretr.export`` (weights-only safetensors,
+        config, tokenizer), or a released NeighborRetr ``pytorch_model.bin``; eval mode, on
+        ``device``. ``overrides`` set runtime fields (``backend`` ...). The tokenizer:
+        :func:`nbretr.pretrained.load_tokenizer`. See :mod:`nbretr.pretrained`."""
+        from nbretr.pretrained import load_model
+        return load_model(path, device=device, tokenizer_path=tokenizer_path, **overrides)[0]
+
     # -- CLIP temperature ----------------------------------------------------------------------
     @property
     def logit_scale(self) -> nn.Parameter:
