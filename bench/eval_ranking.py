@@ -38,17 +38,6 @@ from nbretr import metrics, ops, scoring  # noqa: E402
 
 # -- before: main's retrieval.stream_ranks and helpers, default options only (reference only) ----
 
-def before_row_blocks(score_fn, num_q, num_g, *, q_chunk, g_chunk):
-    def tile(qs, g0):
-        t = score_fn(qs, slice(g0, min(g0 + g_chunk, num_g)))
-        return t if t.dtype == torch.float64 else t.float()
-
-    for q0 in range(0, num_q, q_chunk):
-        qs = slice(q0, min(q0 + q_chunk, num_q))
-        tiles = [tile(qs, g0) for g0 in range(0, num_g, g_chunk)]
-        yield qs, torch.cat(tiles, dim=1) if len(tiles) > 1 else tiles[0]
-
-
 def before_topk_rows(block, k):
     vals, idx = torch.sort(block, dim=1, descending=True, stable=True)
     return vals[:, :k], idx[:, :k]
@@ -67,7 +56,7 @@ def before_stream_ranks(score_fn, num_q, num_g, targets, k, *, q_chunk=256, g_ch
     topk_all = torch.empty(num_q, k, dtype=torch.long)
     counts = torch.zeros(num_g, dtype=torch.long)
     sums = torch.zeros(num_g, dtype=torch.float64)
-    for qs, block in before_row_blocks(score_fn, num_q, num_g, q_chunk=q_chunk, g_chunk=g_chunk):
+    for qs, block in scoring._row_blocks(score_fn, num_q, num_g, q_chunk=q_chunk, g_chunk=g_chunk):
         sums += block.double().sum(0)
         _, idx = before_topk_rows(block, k)
         counts += torch.bincount(idx.reshape(-1), minlength=num_g)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,19 +45,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _runner  # noqa: E402
+
 D, FR, L, SHARD, DEPTH, K = 512, 12, 24, 65536, 100, 10
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _status() -> dict[str, int]:
@@ -127,7 +117,6 @@ def queries(path: Path, q: int, seed: int = 1) -> dict:
 
 def worker(method: str, path: Path, nq: int) -> dict:
     from nbretr import gallery as G
-    from nbretr import ops
     from nbretr.search import Retriever
     q = queries(path, nq)
     res: dict = {"method": method}
@@ -225,7 +214,8 @@ def main(argv=None) -> int:
             r["n"] = n
             rows.append(r)
             print(json.dumps(r), flush=True)
-    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "depth": DEPTH, "k": K,
+    info = {"machine": _runner.machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "depth": DEPTH, "k": K,
             "queries": a.queries, "load": os.getloadavg(), "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(info, indent=1))

@@ -76,16 +76,15 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
     embedded dataset's, or one built from the training captions), saved in the run folder
     so that evaluation reads the same vocabulary."""
     from nbretr.data import tokenizers
+    saved = run_dir / "tokenizer.json" if run_dir else None
     if cfg.init_model:  # the model folder's own tokenizer (kept in the run folder too)
         from nbretr import pretrained
         tok = pretrained.load_tokenizer(cfg.init_model)
-        saved = run_dir / "tokenizer.json" if run_dir else None
         if saved is not None and not saved.exists() and not hasattr(tok, "hf"):
             tok.save(saved)
         return tok
     if cfg.clip != "tiny":
         return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
-    saved = run_dir / "tokenizer.json" if run_dir else None
     if saved is not None and saved.exists():
         return tokenizers.WordTokenizer.load(saved)
     if cfg.dataset == "synthetic":

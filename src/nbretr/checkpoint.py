@@ -12,6 +12,7 @@ version does not read is loaded with an :class:`UnknownCheckpointKeysWarning` na
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -44,6 +45,18 @@ CHECKPOINT_KEYS = frozenset({
     "model", "optimizer", "scheduler", "scaler", "bank", "rng", "epoch", "step_in_epoch", "global_step",
     "config", "eval_best", "nbretr_version", "val_rsum",
 })
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file, read in chunks (model and index fingerprints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
 
 
 def check_keys(state: dict[str, Any], path: str | os.PathLike, known: frozenset[str] = CHECKPOINT_KEYS) -> list[str]:

@@ -23,7 +23,6 @@ gallery larger than memory is scanned shard by shard with only the pages in use 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -32,6 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from nbretr.checkpoint import file_sha256
 
 FORMAT = "nbretr-index"
 VERSION = 1
@@ -43,17 +44,6 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, 
 
 class IndexError(ValueError):  # noqa: A001  (shadows the builtin inside this module only)
     """A missing, corrupt or mismatched index file; the message names it."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def shard_name(i: int) -> str:

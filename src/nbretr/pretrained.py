@@ -22,7 +22,6 @@ model's ``state_dict()`` with OpenAI-style CLIP names), converted by
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from nbretr.checkpoint import file_sha256
 
 log = logging.getLogger("nbretr")
 
@@ -50,17 +51,6 @@ ARCH_FIELDS = ("temporal_layers", "text_cluster_ratio", "video_cluster_ratio", "
 
 class PretrainedError(ValueError):
     """A model folder or released checkpoint that cannot be read; the message names the file."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -355,17 +355,23 @@ def sample_indices(num_frames: int, fps: float, max_frames: int, framerate: floa
     return cand.astype(np.int64)
 
 
-def _decode_decord(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform") -> np.ndarray:
+def _quietly(decode, *args) -> np.ndarray:
+    """Run a decoder with its native stderr captured; on failure, what the library printed
+    joins the error's detail instead of reaching the terminal."""
     failure = None
     with quiet_stderr() as caught:
         try:
-            return _decode_decord_inner(path, max_frames, framerate, start, end, sampling)
+            return decode(*args)
         except VideoDecodeError as err:
             failure = err
     said = _decoder_said(caught)
     if said and said not in failure.detail:
         failure = VideoDecodeError(failure.path, failure.reason, f"{failure.detail} ({said})")
     raise failure
+
+
+def _decode_decord(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform") -> np.ndarray:
+    return _quietly(_decode_decord_inner, path, max_frames, framerate, start, end, sampling)
 
 
 def _decode_decord_inner(path: str, max_frames: int, framerate: float, start, end,
@@ -444,16 +450,7 @@ def _torchcodec_counts(md) -> tuple[int, float, int | None]:
 
 def _decode_torchcodec(path: str, max_frames: int, framerate: float, start, end, sampling: str = "uniform",
                        device: str = "cpu") -> np.ndarray:
-    failure = None
-    with quiet_stderr() as caught:
-        try:
-            return _decode_torchcodec_inner(path, max_frames, framerate, start, end, sampling, device)
-        except VideoDecodeError as err:
-            failure = err
-    said = _decoder_said(caught)
-    if said and said not in failure.detail:
-        failure = VideoDecodeError(failure.path, failure.reason, f"{failure.detail} ({said})")
-    raise failure
+    return _quietly(_decode_torchcodec_inner, path, max_frames, framerate, start, end, sampling, device)
 
 
 def _decode_torchcodec_inner(path: str, max_frames: int, framerate: float, start, end,
