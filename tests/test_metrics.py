@@ -77,6 +77,8 @@ def brute_hubness(x, k, nq):
         "antihub_share": np.mean(x == 0),
         "robin_hood": 0.5 * np.abs(x - x.mean()).sum() / x.sum(),
         "gini": np.abs(x[:, None] - x[None, :]).sum() / (2 * n * x.sum()),
+        "max_ratio": x.max() / x.mean(),
+        "hubs_5x": int(np.sum(x >= 5 * x.mean())),
     }
 
 
@@ -87,6 +89,7 @@ def test_hubness_hand_made():
     assert h["antihub_share"] == pytest.approx(0.5)
     assert h["robin_hood"] == pytest.approx(0.5 * (2 + 0 + 1 + 1) / 4)
     assert h["gini"] == pytest.approx(2 * (2 + 3 + 3 + 1 + 1 + 0) / (2 * 4 * 4))  # all ordered pairs
+    assert h["max_ratio"] == pytest.approx(3.0) and h["hubs_5x"] == 0  # mean N_k 1: item 0 takes 3x its share
     flat = metrics.hubness(torch.tensor([2, 2, 2]), k=2, num_queries=3)
     assert math.isnan(flat["skewness"]) and flat["gini"] == 0 and flat["robin_hood"] == 0
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from nbretr.config import TrainConfig, dataset_key
+from nbretr.config import TINY_CLIPS, TrainConfig, dataset_key
 
 log = logging.getLogger("nbretr")
 
@@ -27,7 +27,7 @@ def data_root(cfg: TrainConfig) -> Path | None:
 def image_size(cfg: TrainConfig) -> int:
     if cfg.image_size:
         return cfg.image_size
-    if cfg.dataset == "synthetic" and cfg.clip == "tiny":
+    if cfg.dataset == "synthetic" and cfg.clip in TINY_CLIPS:
         from nbretr.data import synthetic
         return synthetic.FRAME_SIZE
     return 224
@@ -83,7 +83,7 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path | None):
         if saved is not None and not saved.exists() and not hasattr(tok, "hf"):
             tok.save(saved)
         return tok
-    if cfg.clip != "tiny":
+    if cfg.clip not in TINY_CLIPS:
         return tokenizers.load_clip_tokenizer(cfg.tokenizer_path or cfg.clip_path)
     if saved is not None and saved.exists():
         return tokenizers.WordTokenizer.load(saved)
@@ -111,10 +111,25 @@ def build_model(cfg: TrainConfig, vocab_size: int | None):
     from nbretr.models import NeighborRetr
     if cfg.init_model:  # architecture and weights from the model folder, the rest from cfg
         return model_for_run(cfg)
-    overrides = dict(image_size=image_size(cfg), clip_path=cfg.clip_path if cfg.clip != "tiny" else None)
+    overrides = dict(image_size=image_size(cfg), clip_path=clip_path(cfg))
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     return NeighborRetr(cfg.model_config(**overrides))
+
+
+def clip_path(cfg: TrainConfig) -> str | None:
+    """The CLIP checkpoint the model starts from: ``--clip-path`` for a real CLIP, the cached
+    pretrained stand-in (built on first use, :func:`nbretr.pretrain.ensure`) for
+    ``tiny-pretrained``, None for the random tiny CLIP. The stand-in is cached beside the
+    dataset: next to ``--data-root`` when given, else in the default data folder."""
+    if cfg.clip == "tiny":
+        return None
+    if cfg.clip == "tiny-pretrained":
+        from nbretr import pretrain
+        size = cfg.synthetic_size if cfg.synthetic_size in pretrain.SETTINGS else "default"
+        root = Path(cfg.data_root).parent / pretrain.dir_name(size) if cfg.data_root else None
+        return str(pretrain.ensure(size, root=root))
+    return cfg.clip_path
 
 
 def clip_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -177,7 +192,7 @@ def init_model_config(cfg, given: Mapping[str, Any] | None = None):
         raise ValueError(f"--init-model {d} is a file; it takes a model folder written by python -m nbretr.export "
                          "(a released pytorch_model.bin: export it with --from-released first)")
     mc = pretrained.read_config(d)
-    if cfg.clip != "tiny" or cfg.clip_path or cfg.tokenizer_path:
+    if cfg.clip not in TINY_CLIPS or cfg.clip_path or cfg.tokenizer_path:
         raise ValueError(f"--init-model {d} brings its own CLIP tower and tokenizer; drop --clip, --clip-path "
                          "and --tokenizer-path")
     model, data = mc["model"], mc["data"]

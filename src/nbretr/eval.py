@@ -16,6 +16,7 @@ Under torchrun the queries are split across ranks; the counts are all-reduced.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import logging
 import sys
@@ -280,6 +281,9 @@ def evaluate(model, test_ds, cfg, dist_: Dist | None = None, *, k: int = 10, out
         path = Path(out_dir) / "nk_histogram.png"
         save_histogram({"text->video": t2v.counts, "video->text": v2t.counts}, k, path)
         results["nk_histogram"] = str(path)
+        counts = Path(out_dir) / "nk_counts.json"  # every gallery item's N_k, for plots across runs
+        counts.write_text(json.dumps({"k": k, "t2v": t2v.counts.tolist(), "v2t": v2t.counts.tolist()}))
+        results["nk_counts"] = str(counts)
     if was_training:
         model.train()
     return results

@@ -60,7 +60,9 @@ def hubness(counts: torch.Tensor, k: int, num_queries: int) -> dict[str, float]:
         skewness (biased third standardised moment = scipy.stats.skew; nan when all N_k
         are equal), hub_occurrence (share of all k·|Q| slots taken by hubs, N_k >= 2k),
         antihub_share (share of items with N_k = 0), robin_hood
-        (½ Σ|N_k − mean| / Σ N_k), gini (Σ_i Σ_j |N_i − N_j| / (2|G| Σ N_k)).
+        (½ Σ|N_k − mean| / Σ N_k), gini (Σ_i Σ_j |N_i − N_j| / (2|G| Σ N_k)),
+        max_ratio (max N_k / mean N_k: how many times its share of the top-k slots the
+        biggest hub takes) and hubs_5x (the number of items with N_k >= 5 mean N_k).
     """
     x = torch.as_tensor(counts).detach().double().cpu().flatten()
     n = x.numel()
@@ -82,4 +84,6 @@ def hubness(counts: torch.Tensor, k: int, num_queries: int) -> dict[str, float]:
         "antihub_share": float((x == 0).double().mean()),
         "robin_hood": 0.5 * float(d.abs().sum()) / total if total else nan,
         "gini": float(((2 * i - n - 1) * xs).sum()) / (n * total) if total else nan,
+        "max_ratio": float(x.max() / mu) if total else nan,
+        "hubs_5x": int((x >= 5 * mu).sum()) if total else 0,
     }

@@ -1,27 +1,36 @@
-"""The embedded default dataset: short videos of moving coloured shapes with
-compositional captions, generated on the spot, reproducibly from a seed.
+"""The embedded default dataset: short videos of moving coloured shapes with captions of
+mixed specificity, generated on the spot, reproducibly from a seed. Its test split has hubs,
+as real video-text test sets do (docs/data.md, "The embedded dataset", has the design and
+the statistics that fixed it).
 
 Each video: 24 frames of 32x32 RGB at 2 fps (12 s; sampling at the default 1 fps gives
 the default 12 frames), libx264 .mp4 (~3 KB each) written in process with PyAV (or with
 imageio + imageio-ffmpeg: ``writer="imageio"``, ten times slower, one ffmpeg process per
-file), read back through the same decoding path as real datasets. It shows 1-3 shapes of one
-colour and kind moving in one direction over a plain background. A caption names all five
-factors (count, colour, shape, direction, background) in one of several phrasings, e.g.
-"two red squares moving left on a gray background".
+file), read back through the same decoding path as real datasets.
 
-Factors: 6 colours x 4 shapes x 3 counts x 4 directions x 3 backgrounds. Splits hold out
-(colour, shape) pairs: the test split has only pairs that never occur in training (red
-circle, green triangle, blue cross), the val split three others (yellow square, purple
-circle, cyan triangle); every colour and every shape still occurs in training. Video i
-goes to test if i % 8 == 0, val if i % 8 == 1, else train (12.5% / 12.5% / 75%).
+Content. Most clips show 1-3 shapes of one colour, kind and size moving in one direction at
+one speed over a plain background: 8 colours x 5 shapes x 3 counts x 4 directions x 4
+backgrounds x 2 sizes x 2 speeds. Colours and shapes are long-tailed (Zipf weights: red is
+about 8 times as frequent as pink). A share of clips (:data:`P_BUSY`) are visually generic:
+4-6 shapes of mixed colours and kinds moving every which way. A share of captions
+(:data:`P_GENERIC`) are generic ("a shape moving on a white background"), and the other
+captions mention each factor with its own probability (:data:`MENTION`), so some captions
+name one clip and others fit hundreds.
 
-Sizes: "default" 2,000 videos (1,500 / 250 / 250), "small" 64 (48 / 8 / 8) for tests.
+Splits are i.i.d., like real datasets: video i goes to test if i % 8 in (0, 4), val if
+i % 8 == 1, else train (25% / 12.5% / 62.5%). Sizes: "default" 4,000 videos (2,500 / 500 /
+1,000), "small" 64 (40 / 8 / 16) for tests.
+
 Cached under ``root`` (by default one folder per size, ``data/synthetic/<size>``, or
 ``$NBRETR_DATA/synthetic/<size>``; ``<size>-seed<N>`` for a seed other than 0) with a
 ``manifest.json`` that records every file's size and CRC-32; :func:`build` checks sizes
 (cheap; ``verify="full"`` also checksums) and regenerates only missing or corrupt files.
 Generation holds an exclusive lock on ``<root>.lock`` beside the folder: processes that
 start together (torchrun ranks, two commands) wait for the first and then reuse its build.
+
+:func:`corpus_specs` and :func:`render_frames` give the pretraining corpus of the tiny CLIP
+(:mod:`nbretr.pretrain`): other random streams, rendered in memory, and no (content,
+caption) pair of the dataset's own builds.
 
 Command: ``python -m nbretr.data.synthetic [--root DIR] [--size default|small] [--seed N]``.
 """
@@ -45,28 +54,29 @@ from nbretr.data.base import VideoRecord, VideoTextDataset
 
 log = logging.getLogger("nbretr.data")
 
-VERSION = 1
-SIZES = {"default": 2000, "small": 64}
+VERSION = 2
+SIZES = {"default": 4000, "small": 64}
 FRAME_SIZE = 32
 FPS = 2
 NUM_FRAMES = 24
-SHAPE_PX = 8
-SPEED_PX = 0.75  # per frame: 17 px over the clip
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
-           "yellow": (240, 220, 40), "purple": (150, 40, 200), "cyan": (40, 210, 220)}
-SHAPES = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses"}
+# factor values, in decreasing frequency where the frequency is long-tailed
+COLOURS = {"red": (220, 30, 30), "blue": (40, 70, 235), "green": (30, 190, 40), "yellow": (240, 220, 40),
+           "purple": (150, 40, 200), "cyan": (40, 210, 220), "orange": (250, 140, 20), "pink": (250, 130, 190)}
+SHAPES = {"square": "squares", "circle": "circles", "triangle": "triangles", "cross": "crosses",
+          "diamond": "diamonds"}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (120, 120, 120)}
-HELD_OUT = {"test": [("red", "circle"), ("green", "triangle"), ("blue", "cross")],
-            "val": [("yellow", "square"), ("purple", "circle"), ("cyan", "triangle")]}
-TEMPLATES = (
-    "{count} {colour} {shape} moving {dir} on a {bg} background",
-    "a {bg} background with {count} {colour} {shape} sliding {dir}",
-    "{count} {colour} {shape} {go} {dir} over a {bg} background",
-    "on a {bg} background {count} {colour} {shape} drift {dir}",
-)
+BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (120, 120, 120), "brown": (110, 70, 35)}
+SIZES_PX = {"small": 6, "big": 9}
+SPEEDS_PX = {"slowly": 0.35, "quickly": 0.8}   # per frame: 8 or 18 px over the clip
+ZIPF = 1.0              # colour and shape weights 1 / rank**ZIPF
+P_BUSY = 0.08           # visually generic clips: 4-6 shapes of mixed colours, kinds and directions
+P_GENERIC = 0.10        # captions that name nothing but "shape" (and perhaps the background)
+# probability that a specific caption names each factor (the shape's kind is always named)
+MENTION = {"colour": 0.85, "count": 0.5, "direction": 0.75, "background": 0.5, "size": 0.35, "speed": 0.35}
+VERBS = ("moving", "sliding", "drifting")
+BUSY_NOUNS = ("several shapes of different colours", "many coloured shapes", "a crowd of shapes")
 
 
 def base_root() -> Path:
@@ -108,33 +118,113 @@ def build_lock(root: Path):
 
 
 def _split_of(i: int) -> str:
-    return "test" if i % 8 == 0 else "val" if i % 8 == 1 else "train"
+    return "test" if i % 8 in (0, 4) else "val" if i % 8 == 1 else "train"
 
 
-def _pairs(split: str) -> list[tuple[str, str]]:
-    if split != "train":
-        return HELD_OUT[split]
-    held = {p for v in HELD_OUT.values() for p in v}
-    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+def _zipf(n: int) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** ZIPF
+    return w / w.sum()
+
+
+_COLOUR_P, _SHAPE_P = _zipf(len(COLOURS)), _zipf(len(SHAPES))
+
+
+def _pick(rng: np.random.Generator, names, p=None) -> str:
+    names = list(names)
+    return names[int(rng.choice(len(names), p=p))]
+
+
+def _spec_from_rng(rng: np.random.Generator, i: int) -> dict:
+    """Factors and caption of one clip from its own generator (see the module docstring)."""
+    bg = _pick(rng, BACKGROUNDS)
+    busy = bool(rng.random() < P_BUSY)
+    if busy:
+        k = int(rng.integers(4, 7))
+        colours = [_pick(rng, COLOURS) for _ in range(k)]
+        shapes = [_pick(rng, SHAPES) for _ in range(k)]
+        directions = [_pick(rng, DIRECTIONS) for _ in range(k)]
+        spec = {"busy": True, "count": k, "colour": "mixed", "shape": "mixed", "direction": "mixed",
+                "size": "small", "speed": _pick(rng, SPEEDS_PX), "background": bg,
+                "parts": {"colours": colours, "shapes": shapes, "directions": directions}}
+        noun = BUSY_NOUNS[int(rng.integers(len(BUSY_NOUNS)))]
+        verb = ("moving around", "moving in all directions")[int(rng.integers(2))]
+        caption = f"{noun} {verb}" + (f" on a {bg} background" if rng.random() < MENTION["background"] else "")
+    else:
+        spec = {"busy": False, "count": int(rng.integers(1, 4)), "colour": _pick(rng, COLOURS, _COLOUR_P),
+                "shape": _pick(rng, SHAPES, _SHAPE_P), "direction": _pick(rng, DIRECTIONS),
+                "size": _pick(rng, SIZES_PX), "speed": _pick(rng, SPEEDS_PX), "background": bg}
+        caption = _caption(rng, spec)
+    spec["caption"] = caption
+    spec["id"] = f"{i:05d}"
+    spec["file"] = f"videos/{i:05d}.mp4"
+    return spec
+
+
+def _caption(rng: np.random.Generator, spec: dict) -> str:
+    """A caption of a single-kind clip: generic (:data:`P_GENERIC`) or naming each factor
+    with its :data:`MENTION` probability, in one of three word orders."""
+    n = spec["count"]
+    plural = n > 1
+    noun = SHAPES[spec["shape"]] if plural else spec["shape"]
+    if rng.random() < P_GENERIC:
+        say = {f: False for f in MENTION}
+        say["background"] = bool(rng.random() < MENTION["background"])
+        noun = "shapes" if plural else "shape"
+    else:
+        say = {f: bool(rng.random() < p) for f, p in MENTION.items()}
+    words = [COUNTS[n] if say["count"] else ("some" if plural else "a")]
+    if say["size"]:
+        words.append(spec["size"])
+    if say["colour"]:
+        words.append(spec["colour"])
+    words.append(noun)
+    verb = [VERBS[int(rng.integers(len(VERBS)))]]
+    if say["speed"]:
+        verb.append(spec["speed"])
+    if say["direction"]:
+        verb.append(spec["direction"])
+    np_, vp = " ".join(words), " ".join(verb)
+    if not say["background"]:
+        return f"{np_} {vp}"
+    bg = spec["background"]
+    order = int(rng.integers(3))
+    if order == 0:
+        return f"{np_} {vp} on a {bg} background"
+    if order == 1:
+        return f"on a {bg} background {np_} {vp}"
+    return f"a {bg} background with {np_} {vp}"
 
 
 def video_spec(i: int, seed: int) -> dict:
     """The factors, caption and split of video ``i`` (deterministic in ``seed``, ``i``)."""
-    rng = np.random.default_rng([seed, i])
-    split = _split_of(i)
-    pairs = _pairs(split)
-    colour, shape = pairs[int(rng.integers(len(pairs)))]
-    count = int(rng.integers(1, 4))
-    direction = list(DIRECTIONS)[int(rng.integers(4))]
-    bg = list(BACKGROUNDS)[int(rng.integers(3))]
-    t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-    caption = t.format(count=COUNTS[count], colour=colour, shape=SHAPES[shape] if count > 1 else shape,
-                       dir=direction, bg=bg, go="goes" if count == 1 else "go")
-    return {"id": f"{i:05d}", "file": f"videos/{i:05d}.mp4", "split": split, "caption": caption,
-            "colour": colour, "shape": shape, "count": count, "direction": direction, "background": bg}
+    spec = _spec_from_rng(np.random.default_rng([seed, i]), i)
+    spec["split"] = _split_of(i)
+    return spec
 
 
-def _shape_mask(shape: str, n: int = SHAPE_PX) -> np.ndarray:
+def _key(spec: dict) -> str:
+    """What makes two clips the same (content factors and caption), for :func:`corpus_specs`."""
+    return json.dumps([spec[f] for f in ("count", "colour", "shape", "direction", "size", "speed", "background",
+                                         "caption")] + [spec.get("parts")], sort_keys=True)
+
+
+def corpus_specs(n: int, seed: int = 0, exclude_seeds: tuple[int, ...] = (0,)) -> list[dict]:
+    """``n`` clip specs for pretraining, from random streams the dataset never uses
+    (``[seed, i, 7]`` instead of ``[seed, i]``), with any clip whose factors and caption equal
+    those of a video of a dataset build (every size, seeds ``exclude_seeds``) left out, so
+    the corpus shares no (content, caption) pair with the embedded dataset's splits."""
+    taken = {_key(video_spec(i, s)) for s in exclude_seeds for i in range(max(SIZES.values()))}
+    out, i = [], 0
+    while len(out) < n:
+        spec = _spec_from_rng(np.random.default_rng([seed, i, 7]), i)
+        spec["split"] = "pretrain"
+        if _key(spec) not in taken:
+            out.append(spec)
+        i += 1
+    return out
+
+
+def _shape_mask(shape: str, n: int) -> np.ndarray:
     yy, xx = np.mgrid[0:n, 0:n] + 0.5
     c = n / 2
     if shape == "square":
@@ -146,34 +236,75 @@ def _shape_mask(shape: str, n: int = SHAPE_PX) -> np.ndarray:
     if shape == "cross":
         w = n / 6
         return (np.abs(xx - c) <= w) | (np.abs(yy - c) <= w)
+    if shape == "diamond":
+        return np.abs(xx - c) + np.abs(yy - c) <= c
     raise ValueError(shape)
 
 
-def render(spec: dict, seed: int) -> np.ndarray:
-    """uint8 ``[NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3]`` frames of one video."""
-    rng = np.random.default_rng([seed, int(spec["id"]), 1])
-    k, (dx, dy) = spec["count"], DIRECTIONS[spec["direction"]]
-    mask = _shape_mask(spec["shape"])
-    travel = SPEED_PX * (NUM_FRAMES - 1)
-    free = FRAME_SIZE - SHAPE_PX
-    # along the motion axis every shape starts within the slack left by the travel; across it
-    # the shapes sit in k separate bands so that they can be counted
-    along0 = rng.uniform(0, free - travel, size=k)
+def _tracks(spec: dict, rng: np.random.Generator) -> list[tuple[str, str, str, float, float]]:
+    """One ``(colour, shape, direction, along0, across)`` per shape of the clip: start
+    position along the motion axis (within the slack the travel leaves) and across it."""
+    px, speed = SIZES_PX[spec["size"]], SPEEDS_PX[spec["speed"]]
+    free = FRAME_SIZE - px
+    slack = free - speed * (NUM_FRAMES - 1)
+    k = spec["count"]
+    if spec.get("busy"):
+        parts = spec["parts"]
+        return [(parts["colours"][j], parts["shapes"][j], parts["directions"][j], rng.uniform(0, slack),
+                 rng.uniform(0, free)) for j in range(k)]
+    # the shapes sit in k separate bands across the motion axis so that they can be counted
     band = free / k
-    across = np.array([band * j + rng.uniform(0, max(band - SHAPE_PX * 0.25, 0.0)) for j in range(k)])
-    across = np.clip(across, 0, free)
-    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-    frames[:] = np.array(BACKGROUNDS[spec["background"]], np.uint8)
-    colour = np.array(COLOURS[spec["colour"]], np.uint8)
-    for f in range(NUM_FRAMES):
-        for j in range(k):
-            a = along0[j] + SPEED_PX * f
+    return [(spec["colour"], spec["shape"], spec["direction"], rng.uniform(0, slack),
+             min(band * j + rng.uniform(0, max(band - px * 0.25, 0.0)), free)) for j in range(k)]
+
+
+def render(spec: dict, seed: int, frames: "np.ndarray | list[int] | None" = None) -> np.ndarray:
+    """uint8 ``[NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3]`` frames of one video (only the frame
+    indices ``frames`` when given)."""
+    rng = np.random.default_rng([seed, int(spec["id"]), 1 if spec.get("split") != "pretrain" else 8])
+    px, speed = SIZES_PX[spec["size"]], SPEEDS_PX[spec["speed"]]
+    free = FRAME_SIZE - px
+    index = list(range(NUM_FRAMES)) if frames is None else [int(f) for f in frames]
+    out = np.empty((len(index), FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    out[:] = np.array(BACKGROUNDS[spec["background"]], np.uint8)
+    masks = {}
+    for colour, shape, direction, along0, across in _tracks(spec, rng):
+        mask = masks.setdefault(shape, _shape_mask(shape, px))
+        dx, dy = DIRECTIONS[direction]
+        rgb = np.array(COLOURS[colour], np.uint8)
+        for o, f in enumerate(index):
+            a = along0 + speed * f
             if dx < 0 or dy < 0:
                 a = free - a
-            x, y = (a, across[j]) if dx else (across[j], a)
+            x, y = (a, across) if dx else (across, a)
             xi, yi = int(round(x)), int(round(y))
-            frames[f, yi:yi + SHAPE_PX, xi:xi + SHAPE_PX][mask] = colour
-    return frames
+            out[o, yi:yi + px, xi:xi + px][mask] = rgb
+    return out
+
+
+def chroma_subsample(frames: np.ndarray) -> np.ndarray:
+    """``frames`` (uint8 ``[..., H, W, 3]``, even H and W) as H.264's yuv420p stores them: full
+    luma, chroma averaged over 2x2 blocks (BT.601). Pretraining frames rendered in memory
+    go through this so that they look like the decoded clips."""
+    x = frames.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb, cr = 0.564 * (b - y), 0.713 * (r - y)
+
+    def pool(c):
+        h, w = c.shape[-2:]
+        m = c.reshape(*c.shape[:-2], h // 2, 2, w // 2, 2).mean(axis=(-3, -1))
+        return np.repeat(np.repeat(m, 2, axis=-2), 2, axis=-1)
+
+    cb, cr = pool(cb), pool(cr)
+    rgb = np.stack([y + 1.403 * cr, y - 0.344 * cb - 0.714 * cr, y + 1.773 * cb], -1)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def render_frames(spec: dict, seed: int, frames: "list[int]") -> np.ndarray:
+    """The frames ``frames`` of a clip rendered in memory and chroma-subsampled, uint8
+    ``[len(frames), FRAME_SIZE, FRAME_SIZE, 3]`` (the pretraining corpus's samples)."""
+    return chroma_subsample(render(spec, seed, frames))
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: float = FPS, writer: str = "auto") -> None:
@@ -415,20 +546,14 @@ class SyntheticDataset(VideoTextDataset):
 
 
 def word_tokenizer(root: str | os.PathLike | None = None):
-    """The word tokenizer for the embedded dataset: vocabulary from every caption the
-    generator can write (all splits share it, so test words are known)."""
+    """The word tokenizer for the embedded dataset and the pretraining corpus: every word the
+    generator can write, in alphabetical order (all splits share it, so test words are known)."""
     from nbretr.data.tokenizers import WordTokenizer
 
-    words = []
-    for c in COLOURS:
-        for s, pl in SHAPES.items():
-            for n, cw in COUNTS.items():
-                for d in DIRECTIONS:
-                    for b in BACKGROUNDS:
-                        for t in TEMPLATES:
-                            words.append(t.format(count=cw, colour=c, shape=pl if n > 1 else s, dir=d, bg=b,
-                                                  go="goes" if n == 1 else "go"))
-    return WordTokenizer.from_captions(words)
+    words = [*COUNTS.values(), "some", "a", *SIZES_PX, *COLOURS, *SHAPES, *SHAPES.values(), "shape", "shapes",
+             *VERBS, *SPEEDS_PX, *DIRECTIONS, "on", "background", "with", *BACKGROUNDS, *BUSY_NOUNS,
+             "moving around", "moving in all directions"]
+    return WordTokenizer.from_captions([" ".join(words)])
 
 
 def main(argv: list[str] | None = None) -> int:

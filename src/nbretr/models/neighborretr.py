@@ -56,6 +56,7 @@ class NeighborRetrConfig:
     temperature: float = 3.0               # τ
     beta: float = 0.7                      # β
     sinkhorn_iters: int = 50
+    w_wti: float = 1.0                     # the reference has no weight on L_wti (1); 0 ablates it
     w_opt: float = 1.0
     w_nbi: float = 1.0
     w_kl: float = 1.0
@@ -315,7 +316,7 @@ class NeighborRetr(nn.Module):
                               normalize_over=c.nbi_normalize_over)
                     l_nbi = (losses.neighbor_adjusting_loss(s, **t2v, **kw)
                              + losses.neighbor_adjusting_loss(s.T, **v2t, **kw)) / 2
-            total = l_wti + c.w_opt * l_opt + c.w_nbi * l_nbi + c.w_kl * l_kl
+            total = (l_wti if c.baseline else c.w_wti * l_wti) + c.w_opt * l_opt + c.w_nbi * l_nbi + c.w_kl * l_kl
         return {"loss": total, "wti": l_wti.detach(), "nbi": l_nbi.detach(), "opt": l_opt.detach(),
                 "kl": l_kl.detach(), "logit_scale": scale.detach()}
 
