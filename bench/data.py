@@ -7,7 +7,7 @@
    decoders must return the same frames (within 2 grey levels): checked first.
 2. Loading: frames per second decoded (``auto`` decoder) and CLIP-preprocessed through a
    DataLoader with 0 workers (in process, 1 torch thread) and 2 workers, over the embedded
-   dataset's train split (1,500 clips) at output size 32 and, on 512 of the clips, 224,
+   dataset's train split (2,500 clips) at output size 32 and, on 512 of the clips, 224,
    and over the MSR-VTT-like clips (12 frames at 1 fps, 224x224).
 3. Prepare: the MSR-VTT-like clips re-encoded by ``python -m nbretr.prepare`` (3 fps,
    shorter side 224): its time, then decoding and loading (0 workers) before and after.

@@ -207,7 +207,10 @@ def main() -> int:
     t0 = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {}
     need = {n for n in trained if n in wanted} | ({"infonce"} if wanted & set(CORRECTED) else set())
-    jobs = [(n, s) for s in seeds for n in trained if n in need]
+    # the comparison first (every seed), then the ablation: a stopped run still has the former
+    main_rows = [n for n in trained if not n.startswith("no-")]
+    jobs = [(n, s) for group in (main_rows, [n for n in trained if n.startswith("no-")])
+            for s in seeds for n in group if n in need]
     for i, (name, seed) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {name} seed {seed} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
         run_dir = out / name / f"seed{seed}"

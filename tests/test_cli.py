@@ -17,7 +17,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
+SMALL = ["--synthetic-size", "small", "--batch-size", "12", "--num-workers", "0", "--mb-batch", "1",
          "--num-neighbors", "4", "--temporal-layers", "1"]
 
 
@@ -56,19 +56,19 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def test_resume_keeps_the_runs_own_options(env, tmp_path):
-    """Started with --epochs 2 and stopped after 3 steps, the run resumed with no options
-    but a new stop point goes on with epochs 2 and the same learning-rate schedule as an
+    """Started with --epochs 3 and stopped after 3 steps, the run resumed with no options
+    but a new stop point goes on with epochs 3 and the same learning-rate schedule as an
     uninterrupted run; --epochs given again with another value is an error."""
     a, b = tmp_path / "a", tmp_path / "b"
-    p = run([*SMALL, "--epochs", "2", "--lr", "3e-3", "--max-steps", "3", "--do-eval", "false", "--output-dir", str(a)], env, tmp_path)
+    p = run([*SMALL, "--epochs", "3", "--lr", "3e-3", "--max-steps", "3", "--do-eval", "false", "--output-dir", str(a)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "recipe nbretr, preset embedded" in p.stderr  # the synthetic set's preset is said, not silent
     before = (a / "config.yaml").read_text()
     p = run(["--resume", str(a), "--max-steps", "5"], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (a / "config.yaml").read_text() == before            # not rewritten with other options
-    assert yaml.safe_load(before)["epochs"] == 2
-    p = run([*SMALL, "--epochs", "2", "--lr", "3e-3", "--max-steps", "5", "--do-eval", "false",
+    assert yaml.safe_load(before)["epochs"] == 3
+    p = run([*SMALL, "--epochs", "3", "--lr", "3e-3", "--max-steps", "5", "--do-eval", "false",
              "--output-dir", str(b)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     ra, rb = records(a), records(b)
@@ -76,7 +76,7 @@ def test_resume_keeps_the_runs_own_options(env, tmp_path):
     assert [r["lr"] for r in ra] == [r["lr"] for r in rb]        # the warm-up did not restart
     assert [round(r["loss"], 5) for r in ra] == [round(r["loss"], 5) for r in rb]
     p = run(["--resume", str(a), "--epochs", "12"], env, tmp_path)
-    assert_user_error(p, "--epochs 12", "(the run has 2)", "may change on resume")
+    assert_user_error(p, "--epochs 12", "(the run has 3)", "may change on resume")
     p = run(["--resume", str(a), "--output-dir", str(tmp_path / "elsewhere")], env, tmp_path)
     assert_user_error(p, "writes into its own folder")
 
@@ -108,11 +108,11 @@ def test_a_folder_that_holds_a_run_is_refused_and_a_busy_one_locked(env, tmp_pat
 
 def test_eval_writes_its_own_files_and_checks_its_options(env, tmp_path):
     out = tmp_path / "run"
-    p = run([*SMALL, "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)], env, tmp_path)
+    p = run([*SMALL, "--epochs", "1", "--max-steps", "2", "--eval-k", "20", "--output-dir", str(out)], env, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     own = (out / "metrics.json").read_bytes()
-    # 8 test videos and k=10: the hubness measures are undefined, and the report says why
-    assert "note, text->video hubness: undefined: the gallery has 8 item(s)" in p.stdout
+    # 16 test videos and k=20: the hubness measures are undefined, and the report says why
+    assert "note, text->video hubness: undefined: the gallery has 16 item(s)" in p.stdout
     p = run(["--checkpoint", str(out)], env, tmp_path, module="nbretr.eval")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "metrics.json").read_bytes() == own          # the run's own results are kept

@@ -2,6 +2,7 @@
 dataset, each standard layout on a miniature copy written here, and bad data."""
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import logging
@@ -248,29 +249,94 @@ def test_synthetic_default_root_from_env(small_root, tmp_path, monkeypatch):
     assert item["video"].shape == (12, 3, 32, 32) and item["text_mask"].sum() > 5
 
 
-def test_synthetic_captions_and_held_out_pairs(small_root):
+def _caption_agrees(spec: dict) -> bool:
+    """Every factor word in the caption is the clip's own, and its shape is named."""
+    words = spec["caption"].split()
+    if spec["busy"]:
+        return "shapes" in words and not set(words) & set(synthetic.COLOURS)
+    named = {"colour": set(synthetic.COLOURS), "direction": set(synthetic.DIRECTIONS),
+             "background": set(synthetic.BACKGROUNDS), "size": set(synthetic.SIZES_PX),
+             "speed": set(synthetic.SPEEDS_PX), "count": set(synthetic.COUNTS.values())}
+    for factor, vocab in named.items():
+        own = synthetic.COUNTS[spec["count"]] if factor == "count" else spec[factor]
+        if set(words) & vocab - {own}:
+            return False
+    plural = spec["count"] > 1
+    nouns = {synthetic.SHAPES[spec["shape"]] if plural else spec["shape"], "shapes" if plural else "shape"}
+    return bool(set(words) & nouns)
+
+
+def test_synthetic_captions_and_factors(small_root):
     m = json.loads((small_root / "manifest.json").read_text())
     # reproducible from the seed
     assert [synthetic.video_spec(i, 0)["caption"] for i in range(64)] == [v["caption"] for v in m["videos"]]
     assert [synthetic.video_spec(i, 1)["caption"] for i in range(64)] != [v["caption"] for v in m["videos"]]
     spec5 = synthetic.video_spec(5, 0)
     assert np.array_equal(synthetic.render(spec5, 0), synthetic.render(spec5, 0))
-    pairs = {s: {(v["colour"], v["shape"]) for v in m["videos"] if v["split"] == s} for s in ("train", "val", "test")}
-    assert pairs["test"] and pairs["val"]
-    assert not (pairs["test"] & pairs["train"]) and not (pairs["val"] & pairs["train"])
-    for v in m["videos"]:
-        words = v["caption"].split()
-        assert v["colour"] in words and v["direction"] in words and v["background"] in words
-        assert synthetic.COUNTS[v["count"]] in words
-        assert (synthetic.SHAPES[v["shape"]] if v["count"] > 1 else v["shape"]) in words
-    frames = synthetic.render(synthetic.video_spec(0, 0), 0)
-    assert frames.shape == (synthetic.NUM_FRAMES, 32, 32, 3)
+    specs = [synthetic.video_spec(i, 0) for i in range(synthetic.SIZES["default"])]
+    assert all(_caption_agrees(s) for s in specs)
+    tok = synthetic.word_tokenizer()
+    assert not any(tok.unk_id in tok.encode(s["caption"]) for s in specs)
+    assert max(len(tok.encode(s["caption"])) for s in specs) + 2 <= 16  # the embedded preset's max_words
+    # i.i.d. splits of 25% / 12.5% / 62.5%
+    assert collections.Counter(s["split"] for s in specs) == {"test": 1000, "val": 500, "train": 2500}
+    # the design's shares: visually generic clips, long-tailed colours and shapes, vague captions
+    busy = [s for s in specs if s["busy"]]
+    assert abs(len(busy) / len(specs) - synthetic.P_BUSY) < 0.02
+    colours = collections.Counter(s["colour"] for s in specs if not s["busy"])
+    ranked = [c for c, _ in colours.most_common()]
+    assert ranked[0] == "red" and colours["red"] > 4 * colours["pink"]
+    shapes = collections.Counter(s["shape"] for s in specs if not s["busy"])
+    assert shapes.most_common(1)[0][0] == "square" and shapes["square"] > 3 * shapes["diamond"]
+    lengths = [len(s["caption"].split()) for s in specs]
+    assert min(lengths) <= 3 and max(lengths) >= 12  # "a shape drifting" ... every factor named
+    # what the frames show: one colour on the background, or (busy) several colours
+    single = next(s for s in specs if not s["busy"])
+    f = synthetic.render(single, 0)
+    seen = {tuple(p) for p in f.reshape(-1, 3)}
+    assert seen == {synthetic.COLOURS[single["colour"]], synthetic.BACKGROUNDS[single["background"]]}
+    b = busy[0]
+    seen = {tuple(p) for p in synthetic.render(b, 0).reshape(-1, 3)}
+    assert len(seen - {synthetic.BACKGROUNDS[b["background"]]}) == len(set(b["parts"]["colours"]))
+    assert synthetic.render(single, 0, [0, 23]).shape == (2, synthetic.FRAME_SIZE, synthetic.FRAME_SIZE, 3)
+    assert np.array_equal(synthetic.render(single, 0, [0, 23]), f[[0, 23]])
+
+
+def test_pretraining_corpus_is_disjoint_from_the_dataset():
+    corpus = synthetic.corpus_specs(3000, seed=0)
+    assert corpus == synthetic.corpus_specs(3000, seed=0)
+    keys = {synthetic._key(synthetic.video_spec(i, 0)) for i in range(synthetic.SIZES["default"])}
+    assert not keys & {synthetic._key(s) for s in corpus}
+    assert all(s["split"] == "pretrain" and _caption_agrees(s) for s in corpus)
+    # its own random stream: not the dataset's clips again
+    assert [s["caption"] for s in corpus[:50]] != [synthetic.video_spec(i, 0)["caption"] for i in range(50)]
+    frames = synthetic.render_frames(corpus[0], 0, [0, 11, 23])
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+
+
+def test_chroma_subsample_keeps_luma_and_averages_chroma():
+    rng = np.random.default_rng(0)
+    flat = np.full((2, 4, 4, 3), (200, 40, 90), np.uint8)
+    assert np.abs(synthetic.chroma_subsample(flat).astype(int) - flat).max() <= 1
+    x = rng.integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)
+    y = synthetic.chroma_subsample(x).astype(float)
+    luma = lambda a: 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]  # noqa: E731
+    inside = (y > 0).all(-1) & (y < 255).all(-1)  # where no channel was clipped
+    assert np.abs(luma(y) - luma(x.astype(float)))[inside].max() < 1.5
+    # a red-green checkerboard keeps its luma but not its chroma contrast at 2x2
+    board = np.zeros((1, 2, 2, 3), np.uint8)
+    board[0, 0, 0] = board[0, 1, 1] = (150, 80, 80)
+    board[0, 0, 1] = board[0, 1, 0] = (80, 150, 80)
+    out = synthetic.chroma_subsample(board)
+    assert np.abs(out[0, 0, 0].astype(int) - out[0, 0, 1]).max() > 0  # luma still differs
+    cb = lambda a: -0.169 * a[..., 0] - 0.331 * a[..., 1] + 0.5 * a[..., 2]  # noqa: E731
+    assert np.ptp(cb(out.astype(float))) < 2
 
 
 def test_synthetic_dataset_items_and_loader(small_root, word_tok):
     ds = build_dataset("synthetic", small_root, "train", word_tok, image_size=32)
-    assert len(ds) == ds.num_videos == 48 and len(ds.video_ids) == 48
-    assert ds.caption_to_video.tolist() == list(range(48))
+    assert len(ds) == ds.num_videos == 40 and len(ds.video_ids) == 40
+    assert ds.caption_to_video.tolist() == list(range(40))
     item = ds[3]
     assert item["video"].shape == (12, 3, 32, 32) and item["video"].dtype == torch.float32
     assert item["video_mask"].tolist() == [1] * 12 and item["bad"] is False
@@ -614,7 +680,7 @@ def test_concurrent_first_use_builds_the_synthetic_set_once(tmp_path):
     outs = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     for out, err, rc in outs:
         assert rc == 0, err
-        assert out.split() == [str(tmp_path / "synthetic" / "small"), "48"]
+        assert out.split() == [str(tmp_path / "synthetic" / "small"), "40"]
     root = tmp_path / "synthetic" / "small"
     assert synthetic.check(root, "full") == []
     assert sorted(p.name for p in (root / "videos").iterdir()) == [f"{i:05d}.mp4" for i in range(64)]

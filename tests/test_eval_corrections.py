@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # the module fixture trains a run
 
-SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
+SMALL = ["--synthetic-size", "small", "--batch-size", "12", "--num-workers", "0", "--mb-batch", "1",
          "--num-neighbors", "4", "--temporal-layers", "1"]
 
 
@@ -79,7 +79,7 @@ def test_every_option_is_passed_through(run, tmp_path, capsys):
         assert c["dsl"][d]["params"]["temperature"] == 0.01
     assert "top-k ties random (seed 5)" in report
     assert ("dsl t2v: s * softmax over the test queries of s / T; temperature 0.01, "
-            "softmax_over the 8 test captions") in report
+            "softmax_over the 16 test captions") in report
     assert "query bank: 12 train captions, seed 9" in report
     # --bank-size sets both banks; a specific option wins
     assert E.main(["--checkpoint", str(run), "--corrections", "dbnorm", "--output-dir", str(tmp_path / "2"),

@@ -203,7 +203,7 @@ def data_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
+SMALL = ["--synthetic-size", "small", "--batch-size", "12", "--num-workers", "0", "--mb-batch", "1",
          "--num-neighbors", "4", "--temporal-layers", "1", "--epochs", "1"]
 
 
@@ -235,7 +235,7 @@ def test_wandb_offline_run_logs_the_runs_metrics(data_env, monkeypatch):
         elif kind == "run":
             config.update(items(r.run.config.update))
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 3  # 48 training videos / 16
+    assert len(steps) == 3  # 40 training videos / 12
     for rec in steps:  # every training step's loss parts and learning rate, as in metrics.jsonl
         row = history[rec["step"]]
         for k in ("loss", "wti", "nbi", "opt", "kl"):
@@ -247,7 +247,7 @@ def test_wandb_offline_run_logs_the_runs_metrics(data_env, monkeypatch):
             assert summary[f"test/{d}_{k}"] == pytest.approx(metrics[d][k]), (d, k)
             assert history[3][f"test/{d}_{k}"] == pytest.approx(metrics[d][k]), (d, k)
     value = {k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in config.items()}
-    assert value["batch_size"] == 16 and value["grad_checkpointing"] is True  # the resolved options
+    assert value["batch_size"] == 12 and value["grad_checkpointing"] is True  # the resolved options
 
 
 def test_wandb_missing_is_an_error_only_when_asked_for(data_env, monkeypatch, capsys):

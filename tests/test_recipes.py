@@ -45,8 +45,8 @@ def test_reference_is_the_default_on_standard_datasets_and_each_item_switches_al
     assert (ours.reshuffle, ours.gather_reduce_grads, ours.clip_weights, ours.grad_world_size, ours.sampler) == \
         (True, True, "fp32", None, "nbretr")
     emb = resolve()
-    assert (emb.recipe, emb.preset, emb.batch_size, emb.augment, emb.cluster_mlp) == \
-        ("nbretr", "embedded", C.EMBEDDED_DEFAULTS["batch_size"], "none", True)
+    assert (emb.recipe, emb.preset, emb.batch_size, emb.augment, emb.cluster_mlp, emb.clip) == \
+        ("nbretr", "embedded", C.EMBEDDED_DEFAULTS["batch_size"], "none", False, "tiny-pretrained")
     with pytest.raises(ValueError, match="--recipe must be one of"):
         resolve("--recipe", "paper")
     with pytest.raises(ValueError, match="--frame-sampling must be one of first, uniform, got 'middle'"):
@@ -195,7 +195,7 @@ def test_best_caption_ranking_scores_a_video_by_its_best_caption(monkeypatch):
     torch.testing.assert_close(fn(slice(1, 3), slice(1, 3)), want[1:, 1:])     # blocks agree
 
 
-SMALL = ["--synthetic-size", "small", "--batch-size", "16", "--num-workers", "0", "--mb-batch", "1",
+SMALL = ["--synthetic-size", "small", "--batch-size", "12", "--num-workers", "0", "--mb-batch", "1",
          "--num-neighbors", "4", "--temporal-layers", "1"]
 
 

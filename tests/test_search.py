@@ -1,7 +1,7 @@
-"""export -> index -> search end to end on the embedded dataset (default size: its 250-video
+"""export -> index -> search end to end on the embedded dataset (default size: its 1,000-video
 test split), against nbretr.eval on the same model; resume, --add, corrections and bad input.
 
-The consistency test re-ranks at depth = the gallery size (250): every video is then
+The consistency test re-ranks at depth = the gallery size (1,000): every video is then
 re-scored by WTI, which is what nbretr.eval ranks by, so the two must give the same rank
 for every caption (the first stage only chooses which videos are re-scored). At a smaller
 depth a caption whose video the global-token first stage leaves out cannot be ranked the
@@ -22,7 +22,8 @@ from nbretr import pretrained
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["--batch-size", "32", "--num-workers", "0", "--mb-batch", "1", "--num-neighbors", "4",
+# the random tiny CLIP: these tests need a trained model, not a good one (and no pretraining)
+TRAIN = ["--clip", "tiny", "--batch-size", "32", "--num-workers", "0", "--mb-batch", "1", "--num-neighbors", "4",
          "--temporal-layers", "1", "--epochs", "1", "--max-steps", "4", "--do-eval", "false", "--seed", "5"]
 
 
@@ -82,9 +83,10 @@ def test_search_gives_the_evaluations_ranks_at_full_depth(trained, tmp_path):
     from nbretr import metrics as M
     ranks_eval, ds, _, _ = _eval_ranks(trained["model"])
     r = Retriever(trained["idx"])
-    assert len(r) == 250 and r.gallery.paths() == trained["videos"]
+    n = len(trained["videos"])
+    assert n == 1000 and len(r) == n and r.gallery.paths() == trained["videos"]
     target = {str(Path(v.path).resolve()): i for i, v in enumerate(ds.videos)}
-    res = r.search(list(ds.captions), k=250, depth=250)
+    res = r.search(list(ds.captions), k=n, depth=n)
     ranks = torch.tensor([[target[h.path] for h in hits].index(int(ds.caption_to_video[c])) + 1
                           for c, hits in enumerate(res)])
     assert torch.equal(ranks, ranks_eval)
@@ -109,8 +111,7 @@ def test_a_shallower_search_rescores_the_exact_first_stage_candidates(trained):
         order = torch.argsort(brute[row], descending=True, stable=True)[:20]
         assert cand[row].tolist() == order.tolist()
     res = r.search(caps, k=20)
-    full = texts[0].shape[0]
-    assert full == 250
+    assert texts[0].shape[0] == len(trained["videos"])
     for c, hits in enumerate(res):
         assert sorted(h.index for h in hits) == sorted(cand[c].tolist())
         scores = [h.score for h in hits]
@@ -211,21 +212,22 @@ def test_corrections_rank_as_the_evaluations_correction_functions(trained):
     r = Retriever(trained["idx"])
     caps = trained["captions"][:30]
     q = I.encode_texts(r.model, r.tokenizer, caps, r.max_words, "cpu")
-    vids = r.gallery.rows(0, 250)
+    n = len(r)
+    vids = r.gallery.rows(0, n)
     bank = I.encode_texts(r.model, r.tokenizer, (trained["root"] / "bank.txt").read_text().splitlines(),
                           r.max_words, "cpu")
     b = (bank["tokens"], bank["mask"], bank["weight"])
     s = ops.wti_similarity(q["tokens"], q["mask"], q["weight"], *vids)
-    st = scoring.bank_stats(lambda bs, gs: ops.wti_similarity(*(x[bs] for x in b), *(x[gs] for x in vids)), 60, 250,
+    st = scoring.bank_stats(lambda bs, gs: ops.wti_similarity(*(x[bs] for x in b), *(x[gs] for x in vids)), 60, n,
                       betas=[20.0], hit_ks=[1])
-    col = scoring.column_lse(lambda bs, gs: ops.wti_similarity(*(x[bs] for x in b), *(x[gs] for x in vids)), 60, 250,
+    col = scoring.column_lse(lambda bs, gs: ops.wti_similarity(*(x[bs] for x in b), *(x[gs] for x in vids)), 60, n,
                        temperature=1000.0)
     for corr, ref in (("qbnorm", retrieval.qb_norm(s, st, 20.0, 1)), ("dsl", retrieval.dual_softmax(s, col, 1000.0))):
-        res = r.search(caps, k=10, depth=250, correction=corr)
+        res = r.search(caps, k=10, depth=n, correction=corr)
         for row, hits in enumerate(res):
             order = torch.argsort(ref[row].float(), descending=True, stable=True)[:10]
             assert [h.index for h in hits] == order.tolist(), (corr, row)
-    plain = [h.index for h in r.search(caps[0], k=10, depth=250)]
+    plain = [h.index for h in r.search(caps[0], k=10, depth=n)]
     assert plain == torch.argsort(s[0], descending=True, stable=True)[:10].tolist()
 
 

@@ -363,6 +363,16 @@ def validate(cfg: TrainConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
     report_targets(cfg.report_to)
+    if cfg.clip == "tiny-pretrained":  # the stand-in's shapes are fixed: say so rather than ignore an option
+        from nbretr.pretrain import ARCH
+        given = {"clip_width": cfg.clip_width, "clip_layers": cfg.clip_layers, "clip_heads": cfg.clip_heads,
+                 "patch_size": cfg.patch_size}
+        want = {"clip_width": ARCH["width"], "clip_layers": ARCH["layers"], "clip_heads": ARCH["heads"],
+                "patch_size": ARCH["patch_size"]}
+        bad = [f"--{k.replace('_', '-')} {v} (the stand-in has {want[k]})" for k, v in given.items() if v != want[k]]
+        if bad:
+            raise ValueError(f"--clip tiny-pretrained is the pretrained stand-in, whose shape is fixed: "
+                             f"{'; '.join(bad)}; use --clip tiny for a random tiny CLIP of another shape")
     if cfg.decoder != "auto" or cfg.decode_device != "cpu":  # asked for, and cannot work here: say so now
         from nbretr.data.decoding import resolve_decoder
         resolve_decoder(cfg.decoder, cfg.decode_device)

@@ -55,7 +55,7 @@ ARCH = dict(image_size=32, width=64, layers=2, heads=2, patch_size=8)
 # corpus and optimisation per size: "default" for the embedded default, "small" for tests
 SETTINGS = {
     "default": dict(samples=20000, val=1000, epochs=8, batch_size=256, lr=2e-3, weight_decay=0.1, warmup=0.05),
-    "small": dict(samples=256, val=64, epochs=1, batch_size=64, lr=2e-3, weight_decay=0.1, warmup=0.05),
+    "small": dict(samples=1024, val=128, epochs=2, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=0.05),
 }
 MAX_WORDS = 16
 FILES = ("config.json", "model.safetensors", "word_tokenizer.json")
@@ -142,7 +142,8 @@ def build(root: str | os.PathLike, size: str = "default", seed: int = 0, *, prog
     tmp = root.with_name(f".{root.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         t0 = time.perf_counter()
-        clip, tok, stats = pretrain(size, seed, progress=progress)
+        with torch.random.fork_rng(devices=[]):  # a cold cache must not change the caller's draws
+            clip, tok, stats = pretrain(size, seed, progress=progress)
         tmp.mkdir()
         clip.save_pretrained(str(tmp), safe_serialization=True)
         tok.save(tmp / "word_tokenizer.json")

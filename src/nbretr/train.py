@@ -1,7 +1,8 @@
 """``python -m nbretr.train``: train NeighborRetr (or the InfoNCE baseline) and evaluate.
 
-With no arguments: the tiny random model on the embedded synthetic dataset (generated on
-first use), on whatever device is here; finishes on 2 CPU cores in minutes and prints
+With no arguments: the pretrained tiny CLIP stand-in (pretrained and cached on first use,
+``nbretr.pretrain``) fine-tuned on the embedded synthetic dataset (generated on first
+use), on whatever device is here; finishes on 2 CPU cores in minutes and prints
 R@K, MdR, MnR, Rsum and the hubness table, then the path of metrics.json (last line).
 With arguments: the reference recipe (``--dataset msrvtt --data-root ... --clip ViT-B/32
 --clip-path ...``), a YAML ``--config`` that the command line overrides, ``--baseline``.
