@@ -67,39 +67,36 @@ def package_default_differs(py: str) -> bool:
     return any(cfg.get(k) != v for k, v in REFERENCE_LOSS.items())
 
 
-def train(run_dir: Path, args: list[str], seed: int, extra: list[str]) -> dict:
-    if not (run_dir / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "nbretr.train", "--output-dir", str(run_dir), "--seed", str(seed),
-               "--report-to", "none", *args, *extra]
+def _run_once(out: Path, cmd: list[str], log_path: Path) -> dict:
+    """``out``'s metrics.json, plus ``wall_s``: runs ``cmd`` (its output to ``log_path``) only
+    when there is no metrics.json yet, and records its wall time beside it."""
+    wall = out / "wall_s.txt"
+    if not (out / "metrics.json").is_file():
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        with open(run_dir.parent / f"seed{seed}.log", "w") as log:
+        with open(log_path, "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    wall = run_dir / "wall_s.txt"
+        wall.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    m = json.loads((out / "metrics.json").read_text())
     m["wall_s"] = float(wall.read_text()) if wall.is_file() else math.nan
     return m
+
+
+def train(run_dir: Path, args: list[str], seed: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "nbretr.train", "--output-dir", str(run_dir), "--seed", str(seed),
+           "--report-to", "none", *args, *extra]
+    return _run_once(run_dir, cmd, run_dir.parent / f"seed{seed}.log")
 
 
 def correct(run_dir: Path, row: str) -> dict:
     """The baseline run's test metrics after the correction of ``row`` (:data:`CORRECTED`),
     as a metrics dict of its own; one ``nbretr.eval`` call per eval folder."""
     folder, name, opts = CORRECTED[row]
-    out = run_dir / folder
-    if not (out / "metrics.json").is_file():
-        names = sorted({c for f, c, _ in CORRECTED.values() if f == folder})
-        cmd = [sys.executable, "-m", "nbretr.eval", "--checkpoint", str(run_dir), "--corrections", ",".join(names),
-               "--output-dir", str(out), *opts]
-        print("$", " ".join(cmd), flush=True)
-        t0 = time.perf_counter()
-        with open(run_dir.parent / f"{run_dir.name}-{folder}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-        (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-    m = json.loads((out / "metrics.json").read_text())
-    c = m["corrections"][name]
-    return {d: {**c[d], "hubness": c[d]["hubness"]} for d in ("t2v", "v2t")} | {
-        "wall_s": float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else math.nan}
+    names = sorted({c for f, c, _ in CORRECTED.values() if f == folder})
+    cmd = [sys.executable, "-m", "nbretr.eval", "--checkpoint", str(run_dir), "--corrections", ",".join(names),
+           "--output-dir", str(run_dir / folder), *opts]
+    m = _run_once(run_dir / folder, cmd, run_dir.parent / f"{run_dir.name}-{folder}.log")
+    return {"t2v": m["corrections"][name]["t2v"], "v2t": m["corrections"][name]["v2t"], "wall_s": m["wall_s"]}
 
 
 def value(m: dict, d: str, key: str) -> float:
