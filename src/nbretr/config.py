@@ -364,12 +364,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
     report_targets(cfg.report_to)
     if cfg.clip == "tiny-pretrained":  # the stand-in's shapes are fixed: say so rather than ignore an option
-        from nbretr.pretrain import ARCH
-        given = {"clip_width": cfg.clip_width, "clip_layers": cfg.clip_layers, "clip_heads": cfg.clip_heads,
-                 "patch_size": cfg.patch_size}
-        want = {"clip_width": ARCH["width"], "clip_layers": ARCH["layers"], "clip_heads": ARCH["heads"],
-                "patch_size": ARCH["patch_size"]}
-        bad = [f"--{k.replace('_', '-')} {v} (the stand-in has {want[k]})" for k, v in given.items() if v != want[k]]
+        from nbretr.pretrain import ARCH, ARCH_OPTIONS
+        bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (the stand-in has {ARCH[key]})"
+               for name, key in ARCH_OPTIONS.items() if getattr(cfg, name) != ARCH[key]]
         if bad:
             raise ValueError(f"--clip tiny-pretrained is the pretrained stand-in, whose shape is fixed: "
                              f"{'; '.join(bad)}; use --clip tiny for a random tiny CLIP of another shape")

@@ -52,6 +52,8 @@ VERSION = 1
 FRAMES = (0, 11, 23)
 # the architecture of the embedded preset's tiny CLIP (config.EMBEDDED_DEFAULTS)
 ARCH = dict(image_size=32, width=64, layers=2, heads=2, patch_size=8)
+# the run options (TrainConfig fields) that must equal ARCH's shapes for --clip tiny-pretrained
+ARCH_OPTIONS = {"clip_width": "width", "clip_layers": "layers", "clip_heads": "heads", "patch_size": "patch_size"}
 # corpus and optimisation per size: "default" for the embedded default, "small" for tests
 SETTINGS = {
     "default": dict(samples=20000, val=1000, epochs=8, batch_size=256, lr=2e-3, weight_decay=0.1, warmup=0.05),
@@ -97,9 +99,9 @@ def problems(root: str | os.PathLike, size: str = "default", seed: int = 0) -> l
     m = _read_manifest(root)
     if m is None:
         return [f"{root}: no complete manifest.json"]
-    want = params(size, seed)
-    if m.get("params") != want:
-        diff = sorted(k for k in set(want) | set(m.get("params") or {}) if (m.get("params") or {}).get(k) != want.get(k))
+    want, have = params(size, seed), m.get("params") or {}
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
         return [f"{root}: built with other settings ({', '.join(diff)})"]
     out = []
     for name in FILES:
